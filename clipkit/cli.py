@@ -1,0 +1,76 @@
+"""The ``clipkit`` console script.
+
+Subcommands are listed in one explicit registry and imported lazily, so ``clipkit --help`` is
+fast and a missing optional extra only affects its own command. Each command module exposes
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command path) -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("train",): ("clipkit.train.cli", "train a dual encoder (same as scripts/train.py)"),
+    ("eval", "zeroshot"): ("clipkit.eval.zeroshot_cli", "zero-shot classification"),
+    ("eval", "retrieval"): ("clipkit.eval.retrieval_cli", "image-text retrieval"),
+    ("eval", "sts"): ("clipkit.eval.sts_cli", "semantic textual similarity (Spearman)"),
+    ("embed",): ("clipkit.embed.embed_cli", "embed shards/folders/captions into .npy + parquet"),
+    ("index",): ("clipkit.embed.index_cli", "build or extend a faiss index"),
+    ("serve",): ("clipkit.embed.serve_cli", "serve embedding + search over HTTP"),
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+Leaves = dict[tuple[str, ...], argparse.ArgumentParser]
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, Leaves]:
+    parser = argparse.ArgumentParser(prog="clipkit", description=__doc__.splitlines()[0])
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    leaves: Leaves = {}
+    for path, (_, help_) in COMMANDS.items():
+        if len(path) == 1:
+            leaves[path] = top.add_parser(path[0], help=help_)
+            continue
+        if path[0] not in groups:
+            g = top.add_parser(path[0], help=f"{path[0]} commands")
+            groups[path[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+        leaves[path] = groups[path[0]].add_parser(path[1], help=help_)
+    return parser, leaves
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``clipkit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, leaves = _build_parser()
+    # Find which leaf is asked for, then let its module add its own arguments.
+    path = tuple(a for a in argv[:2] if not a.startswith("-"))
+    key = path if path in COMMANDS else path[:1]
+    if key not in COMMANDS:
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module_name = COMMANDS[key][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        name = " ".join(key)
+        print(f"clipkit {name}: unavailable ({err}); install the extra it needs", file=sys.stderr)
+        return 2
+    module.add_arguments(leaves[key])
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError) as err:
+        print(f"clipkit {' '.join(key)}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""Typed configuration loaded from YAML with dotted overrides."""
+
+from clipkit.config.loader import ConfigError, load_config, split_cli, to_yaml
+from clipkit.config.schema import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "load_config",
+    "split_cli",
+    "to_yaml",
+]

@@ -1,0 +1,143 @@
+"""Typed configuration: one dataclass per concern, nested in :class:`Config`.
+
+Every field has a type and a default, so OmegaConf can reject unknown keys and wrong types
+when a YAML file or a ``key=value`` override is merged (see :mod:`clipkit.config.loader`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how it is read."""
+
+    # Built-in demo data set prepared on first use ("digits" = sklearn's handwritten digits);
+    # empty to train on your own shards given in ``train``.
+    builtin: str = "digits"
+    # Shard spec(s): brace expansion, several sources joined by "::" (weights in ``weights``).
+    train: str = ""
+    weights: list[float] = field(default_factory=list)
+    # Number of samples in ``train`` (read from sizes.json when 0).
+    num_samples: int = 0
+    resampled: bool = False
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    # Where built-in data sets and other caches are written.
+    cache_dir: str = "~/.cache/clipkit"
+    # Caption field(s) in the shards, tried in order.
+    caption_keys: list[str] = field(default_factory=lambda: ["txt", "text", "caption"])
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+
+
+@dataclass
+class ModelConfig:
+    """The dual encoder: an open_clip architecture, optionally with an HF text tower."""
+
+    # open_clip architecture name (``ViT-B-32``), a clipkit config under configs/models
+    # (``clipkit-tiny``) or a path to a JSON model config.
+    name: str = "clipkit-digits"
+    # open_clip pretrained tag or a local checkpoint path.
+    pretrained: str = ""
+    # HF transformers text tower (local path or hub id); replaces the open_clip text tower.
+    hf_text_model: str = ""
+    hf_pooler: str = "mean_pooler"
+    hf_proj: str = "linear"
+    # LiT: freeze a tower; unlock its last N layer groups.
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Contrastive loss, chosen by name from the registry in :mod:`clipkit.losses`."""
+
+    name: str = "infonce"
+    temperature: float = 0.07
+    learnable_temperature: bool = True
+    max_logit_scale: float = 100.0
+    label_smoothing: float = 0.0
+    # Tile size of the memory-efficient loss; 0 picks a default.
+    chunk_size: int = 0
+    # SigLIP initial scale and bias (Zhai et al. 2023).
+    siglip_init_scale: float = 10.0
+    siglip_init_bias: float = -10.0
+    # MoCo-style FIFO of past keys used as extra negatives; 0 disables it.
+    queue_size: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    # "cosine", "const-cooldown" or "constant".
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    cooldown_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    # Per-process micro-batch size.
+    batch_size: int = 128
+    # Micro-batches per optimiser step (exact GradCache accumulation when > 1).
+    accum_steps: int = 1
+    epochs: int = 1
+    # Stop after this many optimiser steps; 0 means run ``epochs`` epochs.
+    max_steps: int = 0
+    # "fp32", "bf16" or "fp16".
+    precision: str = "fp32"
+    seed: int = 0
+    output_dir: str = "runs/digits"
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    # "", "latest" or a checkpoint path.
+    resume: str = ""
+    log_every: int = 10
+    # Trackers for Accelerate ("tensorboard", "wandb"); empty list disables them.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Stop the run after this many consecutive non-finite losses.
+    max_nonfinite: int = 5
+    torch_threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    # Zero-shot classification set (shard spec, ImageFolder dir or tar); built-in demo when empty.
+    zeroshot: str = ""
+    # Class names / templates: a built-in name ("digits", "cifar10", "imagenet") or a file path.
+    classnames: str = "digits"
+    templates: str = "digits"
+    # Retrieval set (caption TSV/CSV, COCO JSON or shards); none when empty.
+    retrieval: str = ""
+    batch_size: int = 256
+    # Evaluate every N optimiser steps (0 = only at the end).
+    every: int = 0
+
+
+@dataclass
+class Config:
+    """Root configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,227 @@
+"""DualEncoder: an open_clip model (vision tower + text tower) behind a small, stable API.
+
+Every architecture is expressed as an open_clip model config, including HF ``transformers`` text
+towers (open_clip's ``text_cfg.hf_model_name``), so the trained model exports in open_clip's own
+format and open_clip / CLIP_benchmark load it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip import factory as oc_factory
+from torch import nn
+
+from clipkit.config.schema import LossConfig, ModelConfig
+
+REPO_MODEL_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+EXPORT_CONFIG = "open_clip_config.json"
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
+
+
+def resolve_model_cfg(name: str) -> dict[str, Any]:
+    """Return the open_clip model config dict for ``name``.
+
+    ``name`` may be a path to a JSON model config (or to an export folder holding
+    ``open_clip_config.json``), a clipkit config under ``configs/models/``, or an open_clip
+    architecture name.
+
+    Raises:
+        ValueError: when nothing of that name exists; the message lists where it looked.
+    """
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / EXPORT_CONFIG).is_file():
+        p = p / EXPORT_CONFIG
+    if p.suffix == ".json" or p.is_file():
+        if not p.is_file():
+            raise ValueError(f"model config file not found: {p}")
+        cfg = json.loads(p.read_text())
+        return copy.deepcopy(cfg.get("model_cfg", cfg))
+    local = REPO_MODEL_DIR / f"{name}.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    builtin = oc_factory.get_model_config(name)
+    if builtin is not None:
+        return copy.deepcopy(builtin)
+    known = sorted(p.stem for p in REPO_MODEL_DIR.glob("*.json"))
+    raise ValueError(
+        f"unknown model name '{name}': not a JSON file, not in configs/models ({', '.join(known)}) "
+        f"and not an open_clip architecture (see open_clip.list_models())"
+    )
+
+
+def _with_hf_text(cfg: dict[str, Any], mcfg: ModelConfig) -> dict[str, Any]:
+    """Swap the text tower for an HF transformers model (local path or hub id)."""
+    cfg = copy.deepcopy(cfg)
+    path = mcfg.hf_text_model
+    if Path(path).expanduser().exists():
+        path = str(Path(path).expanduser().resolve())
+    cfg["text_cfg"] = {
+        "hf_model_name": path,
+        "hf_tokenizer_name": path,
+        "hf_proj_type": mcfg.hf_proj,
+        "hf_pooler_type": mcfg.hf_pooler,
+        "hf_model_pretrained": True,
+    }
+    cfg["custom_text"] = True
+    return cfg
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers with a learnable temperature (and bias for SigLIP).
+
+    ``encode_image``/``encode_text`` return L2-normalised ``(B, D)`` embeddings; each tower can be
+    called alone. ``forward`` returns ``{"image", "text", "logit_scale"[, "logit_bias"]}`` with
+    ``logit_scale`` already exponentiated, as open_clip's ``ClipLoss`` takes it.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        model_cfg: dict[str, Any],
+        tokenizer: Any,
+        preprocess_train: Any,
+        preprocess_eval: Any,
+        name: str = "clipkit",
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        self.preprocess_train = preprocess_train
+        self.preprocess_eval = preprocess_eval
+        self.name = name
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_cfg["vision_cfg"].get("image_size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        return getattr(self.clip, "logit_bias", None)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Tokenise captions into ``(B, L)`` token ids for ``encode_text``."""
+        return self.tokenizer(texts)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> embeddings ``(B, D)``."""
+        x = self.clip.encode_image(image)  # (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Token ids ``(B, L)`` -> embeddings ``(B, D)``."""
+        x = self.clip.encode_text(text)  # (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(
+        self, image: torch.Tensor | None = None, text: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"logit_scale": self.clip.logit_scale.exp()}
+        if image is not None:
+            out["image"] = self.encode_image(image)
+        if text is not None:
+            out["text"] = self.encode_text(text)
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Clamp the learnable scale to ``max_scale`` after each step, as CLIP does."""
+        self.clip.logit_scale.clamp_(0, float(torch.log(torch.tensor(max_scale))))
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the model in open_clip's format (``open_clip_config.json`` + safetensors).
+
+        The folder loads with ``open_clip.create_model_and_transforms("local-dir:" + out_dir)``
+        and with :func:`load_dual_encoder`.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.model_cfg)
+        if "hf_model_name" in cfg.get("text_cfg", {}):
+            # Weights come from the state dict; the HF config/tokenizer still load from the path.
+            cfg["text_cfg"]["hf_model_pretrained"] = False
+        pp = dict(self.clip.visual.preprocess_cfg)
+        payload = {"model_cfg": cfg, "preprocess_cfg": pp}
+        tmp = out / (EXPORT_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(out / EXPORT_CONFIG)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
+        tmpw = out / (EXPORT_WEIGHTS + ".tmp")
+        save_file(state, str(tmpw))
+        tmpw.replace(out / EXPORT_WEIGHTS)
+        return out
+
+
+def _register(name: str, cfg: dict[str, Any]) -> str:
+    """Register a config with open_clip under a private name so its factory can build it."""
+    key = f"clipkit::{name}"
+    oc_factory._MODEL_CONFIGS[key] = copy.deepcopy(cfg)
+    return key
+
+
+def build_dual_encoder(mcfg: ModelConfig, loss_cfg: LossConfig | None = None) -> DualEncoder:
+    """Build the dual encoder named by ``mcfg`` (open_clip architecture, JSON or HF text tower).
+
+    Args:
+        mcfg: model section of the config.
+        loss_cfg: when given, sets the initial temperature (and SigLIP's bias).
+
+    Raises:
+        ValueError: unknown model name or missing pretrained file.
+    """
+    cfg = resolve_model_cfg(mcfg.name)
+    if mcfg.hf_text_model:
+        cfg = _with_hf_text(cfg, mcfg)
+    kwargs: dict[str, Any] = {}
+    if loss_cfg is not None:
+        if loss_cfg.name == "siglip":
+            kwargs["init_logit_scale"] = float(torch.log(torch.tensor(loss_cfg.siglip_init_scale)))
+            kwargs["init_logit_bias"] = loss_cfg.siglip_init_bias
+        else:
+            kwargs["init_logit_scale"] = float(torch.log(torch.tensor(1.0 / loss_cfg.temperature)))
+    pretrained = mcfg.pretrained or None
+    if pretrained and Path(pretrained).expanduser().suffix and not Path(pretrained).exists():
+        raise ValueError(f"model.pretrained file not found: {pretrained}")
+    key = _register(Path(mcfg.name).stem, cfg)
+    clip, pp_train, pp_eval = open_clip.create_model_and_transforms(
+        key, pretrained=pretrained, **kwargs
+    )
+    tokenizer = open_clip.get_tokenizer(key)
+    if mcfg.lock_image:
+        clip.lock_image_tower(unlocked_groups=mcfg.lock_image_unlocked_groups)
+    if mcfg.lock_text:
+        clip.lock_text_tower(unlocked_layers=mcfg.lock_text_unlocked_layers)
+    if mcfg.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    return DualEncoder(clip, cfg, tokenizer, pp_train, pp_eval, name=mcfg.name)
+
+
+def load_dual_encoder(path: str | Path) -> DualEncoder:
+    """Load an exported model folder (``open_clip_config.json`` + weights)."""
+    p = Path(path).expanduser()
+    if not (p / EXPORT_CONFIG).is_file():
+        raise ValueError(f"not a clipkit/open_clip export folder (no {EXPORT_CONFIG}): {p}")
+    clip, pp_train, pp_eval = open_clip.create_model_and_transforms(f"local-dir:{p}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{p}")
+    cfg = resolve_model_cfg(str(p))
+    return DualEncoder(clip, cfg, tokenizer, pp_train, pp_eval, name=str(p))
