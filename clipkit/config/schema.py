@@ -51,6 +51,11 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     grad_checkpointing: bool = False
     compile: bool = False
+    # Sentence encoders (task=simcse): pooling "cls", "cls_mlp" or "mean"; SimCSE's unsupervised
+    # recipe keeps the MLP head in training only (mlp_train_only).
+    pooling: str = "mean"
+    mlp_train_only: bool = False
+    max_length: int = 32
 
 
 @dataclass
@@ -126,6 +131,8 @@ class EvalConfig:
     templates: str = "digits"
     # Retrieval set (caption TSV/CSV, COCO JSON or shards); none when empty.
     retrieval: str = ""
+    # STS file or folder evaluated during sentence-encoder training (task=simcse).
+    sts: str = ""
     batch_size: int = 256
     # Evaluate every N optimiser steps (0 = only at the end).
     every: int = 0
@@ -135,6 +142,8 @@ class EvalConfig:
 class Config:
     """Root configuration."""
 
+    # What is trained: "clip" (image-text dual encoder) or "simcse" (sentence encoder).
+    task: str = "clip"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
