@@ -1,0 +1,99 @@
+"""Exact gradient accumulation for contrastive losses (GradCache, Gao et al. 2021).
+
+Plain accumulation sums the losses of independent micro-batches, so each example only sees its
+own micro-batch's negatives. GradCache instead (1) embeds every micro-batch without autograd,
+(2) computes the loss over the whole accumulated batch and its gradient w.r.t. the embeddings,
+(3) re-runs each micro-batch with autograd and back-propagates the cached embedding gradients.
+The result is the gradient of one big batch with the activation memory of one micro-batch.
+Dropout masks match between (1) and (3) because the RNG state is replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class RandState:
+    """Snapshot of the CPU and current-device CUDA RNG, restorable later."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if self.cuda else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+Embedded = dict[str, Any]
+
+
+def _surrogate(out: Embedded, grads: Embedded) -> torch.Tensor:
+    """sum(<output, cached grad>) whose backward pushes the cached grads into the towers."""
+    total = torch.zeros((), device=out["q"].device, dtype=torch.float32)
+    for name, g in grads.items():
+        if g is None or out.get(name) is None:
+            continue
+        total = total + (out[name].float() * g).sum()
+    return total
+
+
+def gradcache_step(
+    micro_batches: list[dict[str, Any]],
+    embed: Callable[[dict[str, Any]], Embedded],
+    loss_fn: Callable[[Embedded], torch.Tensor],
+    backward: Callable[[torch.Tensor], None],
+    no_sync: Callable[[], contextlib.AbstractContextManager],
+) -> torch.Tensor:
+    """Run one exact accumulated step; returns the (detached) loss of the full batch.
+
+    Args:
+        micro_batches: the step's micro-batches.
+        embed: micro-batch -> ``{"q" (b, D), "k" (b, D), ["hard_negatives" (b*h, D)],
+            ["logit_scale" ()], ["logit_bias" ()]}`` from the (wrapped) model's forward.
+        loss_fn: concatenated embeddings -> scalar loss (handles distributed gather itself).
+        backward: ``accelerator.backward``.
+        no_sync: context manager suppressing DDP's gradient all-reduce (all but the last replay).
+    """
+    # (1) embed every micro-batch without autograd, remembering each RNG state.
+    states, cached = [], []
+    with torch.no_grad():
+        for mb in micro_batches:
+            states.append(RandState())
+            cached.append(embed(mb))
+    # (2) loss on the full batch; gradients w.r.t. the embeddings (and the scale/bias leaves).
+    names = [n for n in ("q", "k", "hard_negatives") if cached[0].get(n) is not None]
+    leaves = {n: torch.cat([c[n] for c in cached]).detach().float().requires_grad_() for n in names}
+    for n in ("logit_scale", "logit_bias"):
+        if cached[0].get(n) is not None:
+            leaves[n] = cached[0][n].detach().float().requires_grad_()
+    loss = loss_fn(leaves)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    gmap = dict(zip(leaves.keys(), grads))
+    # (3) replay each micro-batch with autograd and push the cached gradients through it.
+    offsets = {n: 0 for n in names}
+    last = len(micro_batches) - 1
+    for i, (mb, st) in enumerate(zip(micro_batches, states)):
+        ctx = no_sync() if i < last else contextlib.nullcontext()
+        with ctx, st.replay():
+            out = embed(mb)
+            piece: Embedded = {}
+            for n in names:
+                size = out[n].shape[0]
+                g = gmap[n]
+                piece[n] = None if g is None else g[offsets[n] : offsets[n] + size]
+                offsets[n] += size
+            # The scale/bias are shared by all micro-batches: push their gradient once.
+            for n in ("logit_scale", "logit_bias"):
+                if n in gmap and i == last:
+                    piece[n] = gmap[n]
+            backward(_surrogate(out, piece))
+    return loss.detach()

@@ -1,0 +1,296 @@
+"""``train(cfg)``: the one training loop, for every task, under HF Accelerate.
+
+Reads top to bottom: setup -> model, data, loss, optimiser -> resume -> steps (exact GradCache
+accumulation, clipping, non-finite guard, logging, checkpoints, evaluation) -> export.
+Accelerate owns devices and distribution (CPU, DDP, FSDP through ``accelerate launch``); the
+data is split by node and worker by the task's loader, so no two processes read the same shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from clipkit.config.loader import to_yaml
+from clipkit.config.schema import Config
+from clipkit.losses import build_loss
+from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from clipkit.train.gradcache import gradcache_step
+from clipkit.train.optim import build_optimizer, lr_lambda
+from clipkit.train.task import get_task
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_nonfinite`` consecutive non-finite losses."""
+
+
+def _as_dict(out: Any) -> dict[str, Any]:
+    """Accept a task's ``(q, k, hard_negatives)`` tuple or a dict with scale/bias."""
+    if isinstance(out, dict):
+        return out
+    q, k, hn = out
+    return {"q": q, "k": k, "hard_negatives": hn}
+
+
+def _log_line(step: int, total: int, logs: dict[str, float]) -> str:
+    keys = ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_s")
+    parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in keys if k in logs]
+    return f"step {step}/{total} " + " ".join(parts)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train per ``cfg``; returns the final metrics (also written to ``<output_dir>/metrics.json``).
+
+    Raises:
+        ValueError: bad configuration or data (one line naming the value).
+        NonFiniteLossError: too many consecutive non-finite losses.
+    """
+    # ------------------------------------------------------------------ setup
+    if cfg.train.precision not in PRECISIONS:
+        raise ValueError(f"train.precision={cfg.train.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if cfg.train.accum_steps < 1 or cfg.train.batch_size < 1:
+        raise ValueError("train.batch_size and train.accum_steps must be >= 1")
+    if cfg.train.torch_threads > 0:
+        torch.set_num_threads(cfg.train.torch_threads)
+    run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    accelerator = Accelerator(
+        mixed_precision=PRECISIONS[cfg.train.precision],
+        log_with=list(cfg.train.trackers) or None,
+        project_dir=str(run_dir),
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.train.seed, device_specific=False)
+    task = get_task(cfg.task)
+
+    # ----------------------------------------------- model, data, loss, optimiser
+    model = task.build_model(cfg)
+    loss_fn = build_loss(cfg.loss)
+    data = task.build_train_data(cfg, model, accelerator.process_index, accelerator.num_processes)
+    accum = cfg.train.accum_steps
+    steps_per_epoch = data.num_batches // accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} x accum_steps={accum} x "
+            f"{accelerator.num_processes} processes is larger than the data "
+            f"({data.num_batches} micro-batches per process per epoch)"
+        )
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    optimizer = build_optimizer([model, loss_fn], cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = loss_fn.to(accelerator.device)
+    # The scheduler is stepped once per optimiser step on every rank (not prepared: Accelerate
+    # would step it num_processes times, assuming it split a prepared dataloader).
+    accelerator.register_for_checkpointing(scheduler, loss_fn)
+    config_yaml = to_yaml(cfg)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    if cfg.train.trackers:
+        flat = {k: v for k, v in _flatten(cfg).items() if isinstance(v, int | float | str | bool)}
+        accelerator.init_trackers("clipkit", config=flat)
+
+    # ------------------------------------------------------------------ resume
+    step, epoch, samples_seen = 0, 0, 0
+    ckpt = resolve_resume(cfg.train.resume, run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt)
+        step, epoch, samples_seen = state["step"], state["epoch"], state["samples_seen"]
+        data.load_state_dict(state["data"][accelerator.process_index])
+        accelerator.print(f"resumed from {ckpt} at step {step} (epoch {epoch})")
+    elif cfg.train.resume and cfg.train.resume != "latest":
+        raise ValueError(f"train.resume={cfg.train.resume}: nothing to resume")
+
+    unwrapped = accelerator.unwrap_model(model)
+
+    def embed(mb: dict[str, Any]) -> dict[str, Any]:
+        mb = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+        with accelerator.autocast():
+            out = _as_dict(task.embed(model, mb))
+        if out.get("logit_scale") is None:
+            out["logit_scale"] = task.logit_scale(unwrapped)
+        return out
+
+    def compute_loss(e: dict[str, Any]) -> torch.Tensor:
+        return loss_fn(
+            e["q"].float(),
+            e["k"].float(),
+            hard_negatives=None if e.get("hard_negatives") is None else e["hard_negatives"].float(),
+            logit_scale=e.get("logit_scale"),
+            logit_bias=e.get("logit_bias"),
+        )
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(cfg, unwrapped, accelerator)
+        model.train()
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def checkpoint() -> None:
+        gathered = _gather_objects(accelerator, data.state_dict())
+        state = {"step": step, "epoch": epoch, "samples_seen": samples_seen, "data": gathered}
+        save_checkpoint(accelerator, run_dir, step, state, config_yaml, cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ steps
+    global_batch = cfg.train.batch_size * accum * accelerator.num_processes
+    accelerator.print(
+        f"training {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}; outputs in {run_dir}"
+    )
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step")
+    metrics_file = run_dir / "metrics.jsonl"
+    nonfinite, history = 0, []
+    model.train()
+    if ckpt is None:
+        data.set_epoch(epoch)  # a resumed loader already sits at its saved epoch and position
+    batches = iter(data)
+    t_last, wait_time, step_time, last_logged = time.perf_counter(), 0.0, 0.0, step
+    while step < total_steps:
+        # Gather this step's micro-batches, rolling into the next epoch when one ends.
+        t0 = time.perf_counter()
+        micro: list[dict[str, Any]] = []
+        while len(micro) < accum:
+            try:
+                micro.append(next(batches))
+            except StopIteration:
+                epoch += 1
+                data.set_epoch(epoch)
+                batches = iter(data)
+                micro = []  # a step never spans two epochs: drop_last at step granularity
+        t1 = time.perf_counter()
+        wait_time += t1 - t0
+
+        if accum == 1:
+            e = embed(micro[0])
+            loss = compute_loss(e)
+            finite = _all_finite(accelerator, loss)
+            if finite:
+                accelerator.backward(loss)
+        else:
+            loss = gradcache_step(
+                micro,
+                embed,
+                compute_loss,
+                accelerator.backward,
+                lambda: accelerator.no_sync(model),
+            )
+            finite = _all_finite(accelerator, loss)
+        if not finite:
+            # Never average a NaN/inf into the weights: skip the update and count.
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite += 1
+            accelerator.print(f"step {step}: non-finite loss ({loss.item()}), update skipped")
+            if nonfinite >= cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{nonfinite} consecutive non-finite losses at step {step}; lower optim.lr "
+                    f"or use train.precision=fp32/bf16"
+                )
+            continue
+        nonfinite = 0
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(
+                list(model.parameters()) + list(loss_fn.parameters()), cfg.optim.grad_clip
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(unwrapped, "clamp_logit_scale"):
+            unwrapped.clamp_logit_scale(cfg.loss.max_logit_scale)
+        loss_fn.clamp_()
+        step += 1
+        samples_seen += global_batch
+        step_time += time.perf_counter() - t1
+        bar.update(1)
+
+        # Logging: a flat dict of scalars with slash names.
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            elapsed = now - t_last
+            logs = {
+                "train/loss": accelerator.reduce(loss.detach().float(), "mean").item(),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/epoch": epoch,
+                "train/samples_seen": samples_seen,
+                "train/samples_per_s": global_batch * (step - last_logged) / max(elapsed, 1e-9),
+                "train/data_wait_frac": wait_time / max(wait_time + step_time, 1e-9),
+            }
+            scale = getattr(unwrapped, "logit_scale", None)
+            if torch.is_tensor(scale):
+                logs["train/logit_scale"] = scale.exp().item()
+            if grad_norm is not None:
+                logs["train/grad_norm"] = float(grad_norm)
+            t_last, wait_time, step_time, last_logged = now, 0.0, 0.0, step
+            bar.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
+            _record(accelerator, metrics_file, step, logs, history)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+            _record(accelerator, metrics_file, step, evaluate(), history)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+
+    # ------------------------------------------------------------- final eval + export
+    final = evaluate()
+    _record(accelerator, metrics_file, step, final, history)
+    checkpoint()
+    if main:
+        task.export(cfg, unwrapped, str(run_dir / "export"))
+    result = {"step": step, "epoch": epoch, "samples_seen": samples_seen, **final}
+    result["train/final_loss"] = next(
+        (h["train/loss"] for h in reversed(history) if "train/loss" in h), math.nan
+    )
+    result["data/stats"] = dict(getattr(data, "stats", {}) or {})
+    if main:
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+    accelerator.end_training()
+    return result
+
+
+def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """One decision for all ranks, so no rank steps while another skips."""
+    flag = torch.tensor([float(torch.isfinite(loss).all())], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "min").item() > 0)
+
+
+def _gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _record(
+    accelerator: Accelerator, path: Path, step: int, logs: dict[str, float], history: list
+) -> None:
+    history.append({"step": step, **logs})
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+        if any(k.startswith("eval/") for k in logs):
+            tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+
+
+def _flatten(cfg: Config) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    out: dict[str, Any] = {}
+    for section, values in asdict(cfg).items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v
+        else:
+            out[section] = v if (v := values) is not None else ""
+    return out

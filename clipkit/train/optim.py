@@ -1,0 +1,80 @@
+"""AdamW parameter groups and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from clipkit.config.schema import OptimConfig
+
+SCHEDULES = ("cosine", "const-cooldown", "constant")
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    # CLIP recipe: no weight decay on gains/biases (1-d), embeddings and the temperature/bias.
+    lname = name.lower()
+    return (
+        p.ndim < 2
+        or "bias" in lname
+        or "norm" in lname
+        or "ln_" in lname
+        or "embedding" in lname
+        or "logit_scale" in lname
+        or "logit_bias" in lname
+        or "class_embedding" in lname
+        or "token_embedding" in lname
+    )
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed AdamW group."""
+    decay, no_decay, seen = [], [], set()
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``modules`` with the CLIP weight-decay split."""
+    groups = param_groups(modules, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters (are both towers locked?)")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based): warmup, then the schedule.
+
+    Raises:
+        ValueError: unknown schedule name.
+    """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown optim.schedule '{cfg.schedule}'; valid: {', '.join(SCHEDULES)}")
+    warm = max(0, cfg.warmup_steps)
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "const-cooldown":
+            start = total_steps - cfg.cooldown_steps
+            if step < start or cfg.cooldown_steps <= 0:
+                return 1.0
+            frac = (step - start) / max(1, cfg.cooldown_steps)
+            return floor + (1.0 - floor) * (1.0 - frac)
+        frac = (step - warm) / max(1, total_steps - warm)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+    return fn
