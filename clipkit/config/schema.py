@@ -118,6 +118,8 @@ class TrainConfig:
     # Stop the run after this many consecutive non-finite losses.
     max_nonfinite: int = 5
     torch_threads: int = 0
+    # Append each step's sample keys to <output_dir>/keys.rank<R>.jsonl (audits data order/resume).
+    record_keys: bool = False
 
 
 @dataclass

@@ -23,8 +23,8 @@ from clipkit.config.loader import to_yaml
 from clipkit.config.schema import Config
 from clipkit.losses import build_loss
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from clipkit.train.gradcache import gradcache_step
 from clipkit.train.optim import build_optimizer, lr_lambda
+from clipkit.train.step import step_gradients
 from clipkit.train.task import get_task
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -93,8 +93,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # would step it num_processes times, assuming it split a prepared dataloader).
     accelerator.register_for_checkpointing(scheduler, loss_fn)
     config_yaml = to_yaml(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
     if cfg.train.trackers:
         flat = {k: v for k, v in _flatten(cfg).items() if isinstance(v, int | float | str | bool)}
@@ -171,21 +171,7 @@ def train(cfg: Config) -> dict[str, Any]:
         t1 = time.perf_counter()
         wait_time += t1 - t0
 
-        if accum == 1:
-            e = embed(micro[0])
-            loss = compute_loss(e)
-            finite = _all_finite(accelerator, loss)
-            if finite:
-                accelerator.backward(loss)
-        else:
-            loss = gradcache_step(
-                micro,
-                embed,
-                compute_loss,
-                accelerator.backward,
-                lambda: accelerator.no_sync(model),
-            )
-            finite = _all_finite(accelerator, loss)
+        loss, finite = step_gradients(micro, embed, compute_loss, accelerator, model)
         if not finite:
             # Never average a NaN/inf into the weights: skip the update and count.
             optimizer.zero_grad(set_to_none=True)
@@ -211,6 +197,10 @@ def train(cfg: Config) -> dict[str, Any]:
         loss_fn.clamp_()
         step += 1
         samples_seen += global_batch
+        if cfg.train.record_keys:
+            keys = [k for mb in micro for k in mb.get("key", [])]
+            with (run_dir / f"keys.rank{accelerator.process_index}.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "keys": keys}) + "\n")
         step_time += time.perf_counter() - t1
         bar.update(1)
 
@@ -255,12 +245,6 @@ def train(cfg: Config) -> dict[str, Any]:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
     accelerator.end_training()
     return result
-
-
-def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """One decision for all ranks, so no rank steps while another skips."""
-    flag = torch.tensor([float(torch.isfinite(loss).all())], device=accelerator.device)
-    return bool(accelerator.reduce(flag, "min").item() > 0)
 
 
 def _gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:
