@@ -67,6 +67,8 @@ class LossConfig:
     learnable_temperature: bool = True
     max_logit_scale: float = 100.0
     label_smoothing: float = 0.0
+    # InfoNCE: average both directions (CLIP) or queries-to-keys only (SimCSE, MNRL).
+    symmetric: bool = True
     # Tile size of the memory-efficient loss; 0 picks a default.
     chunk_size: int = 0
     # SigLIP initial scale and bias (Zhai et al. 2023).
