@@ -1,0 +1,18 @@
+"""Data: WebDataset shard readers for training and evaluation.
+
+``build_train_loader`` (epoch or resampled mode, exact resume, fast JPEG decode) and
+``build_eval_loader`` (deterministic, open_clip's eval transform). See
+:mod:`clipkit.data.loader`.
+"""
+
+from clipkit.data.decode import eval_crop, normalize, train_crop
+from clipkit.data.loader import ShardLoader, build_eval_loader, build_train_loader
+
+__all__ = [
+    "ShardLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "eval_crop",
+    "normalize",
+    "train_crop",
+]

@@ -1,0 +1,233 @@
+"""Image bytes -> uint8 ``(3, S, S)`` tensors: the train crop and the eval crop.
+
+The train transform draws the same crop box distribution as open_clip's
+``RandomResizedCrop(S, scale, ratio=(3/4, 4/3), bicubic)`` (torchvision's ``get_params``
+algorithm), but it samples the box on the JPEG's header size *before* decoding, then asks
+libjpeg-turbo (``simplejpeg``) for the smallest DCT scale (n/8) whose decoded crop still
+covers ``S x S``, and resizes the crop with PIL's bicubic resample (antialiased, as torchvision
+does on PIL images). The full-size decode + resize is the bulk of open_clip's per-sample cost
+(see ANCHORS.md); the DCT-scaled decode skips most of the IDCT and colour conversion work.
+
+Non-JPEG images (PNG, WebP, ...), CMYK JPEGs and JPEGs with an EXIF rotation take the PIL path
+(draft decode for JPEGs, ``exif_transpose``, 16-bit and palette/alpha conversion to RGB).
+
+The eval transform uses PIL and torchvision exactly like open_clip's ``preprocess_eval``
+(resize shortest side, bicubic, center crop), so the pixels match it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in original pixels
+
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a decodable image."""
+
+
+def crop_params(rng: random.Random, height: int, width: int, scale: tuple[float, float]) -> Box:
+    """Draw a RandomResizedCrop box; the algorithm of torchvision's ``get_params``.
+
+    Args:
+        rng: source of randomness (per sample, so resuming needs no replay).
+        height, width: original image size in pixels.
+        scale: range of the crop area as a fraction of the image area.
+
+    Returns:
+        ``(top, left, h, w)`` of the crop in original pixels.
+    """
+    area = height * width
+    log_ratio = (math.log(_RATIO[0]), math.log(_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # Fallback: whole image clipped to the ratio range, centred (as torchvision does).
+    in_ratio = width / height
+    if in_ratio < _RATIO[0]:
+        w, h = width, int(round(width / _RATIO[0]))
+    elif in_ratio > _RATIO[1]:
+        h, w = height, int(round(height * _RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """EXIF orientation tag of a JPEG (1 when absent); scans only the APP segments."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+            return 1
+        seg_len = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + seg_len])
+        pos += 2 + seg_len
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8:
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: greyscale, palette, alpha (dropped), CMYK, 16/32-bit integer."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # PIL clips 16-bit values into 8 bits instead of scaling them; scale by the bit depth.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_pil(data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode any image PIL knows, EXIF-rotated, as RGB.
+
+    Args:
+        data: encoded image bytes.
+        draft: for JPEGs, the smallest size the decoded image may have (DCT scaling).
+
+    Raises:
+        DecodeError: when PIL cannot decode the bytes.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except Exception as err:  # PIL raises many types for bad bytes
+        raise DecodeError(f"undecodable image ({type(err).__name__}: {err})") from err
+
+
+def _to_chw(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.uint8)  # (S, S, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def _resize_box(img: Image.Image, box: Box, full: tuple[int, int], size: int) -> Image.Image:
+    """Resize the crop ``box`` (original pixels of a ``full`` (h, w) image) of ``img``."""
+    top, left, h, w = box
+    sy, sx = img.height / full[0], img.width / full[1]
+    pil_box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=pil_box)
+
+
+def train_crop(
+    data: bytes,
+    size: int,
+    rng: random.Random,
+    scale: tuple[float, float] = (0.9, 1.0),
+    fast: bool = True,
+) -> torch.Tensor:
+    """Decode and RandomResizedCrop an image.
+
+    Args:
+        data: encoded image bytes (JPEG, PNG, WebP, ... anything PIL opens).
+        size: output side ``S``.
+        rng: per-sample random source for the crop box.
+        scale: crop area range, as open_clip's ``AugmentationCfg.scale`` (default (0.9, 1.0)).
+        fast: use DCT-scaled decoding (the default); False decodes at full size with PIL,
+            as open_clip does.
+
+    Returns:
+        uint8 tensor ``(3, S, S)``.
+
+    Raises:
+        DecodeError: when the bytes are not a decodable image.
+    """
+    if fast and data[:2] == b"\xff\xd8":
+        try:
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as err:
+            raise DecodeError(f"undecodable JPEG ({err})") from err
+        if colorspace not in ("CMYK", "YCCK") and _jpeg_orientation(data) == 1:
+            box = crop_params(rng, h, w, scale)
+            # Smallest decoded image whose crop still covers size x size.
+            min_h = math.ceil(size * h / box[2])
+            min_w = math.ceil(size * w / box[3])
+            try:
+                arr = simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", min_height=min(min_h, h), min_width=min(min_w, w)
+                )  # (h', w', 3)
+            except ValueError as err:
+                raise DecodeError(f"undecodable JPEG ({err})") from err
+            return _to_chw(_resize_box(Image.fromarray(arr), box, (h, w), size))
+    img = open_pil(data)
+    box = crop_params(rng, img.height, img.width, scale)
+    return _to_chw(_resize_box(img, box, (img.height, img.width), size))
+
+
+def eval_crop(data: bytes, size: int) -> torch.Tensor:
+    """Resize the shortest side to ``size`` (bicubic) and center-crop, as open_clip's eval.
+
+    Args:
+        data: encoded image bytes.
+        size: output side ``S``.
+
+    Returns:
+        uint8 tensor ``(3, S, S)``.
+
+    Raises:
+        DecodeError: when the bytes are not a decodable image.
+    """
+    img = open_pil(data)
+    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+    img = TF.center_crop(img, size)
+    return _to_chw(img)
+
+
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32
+) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> normalised float, ``(x / 255 - mean) / std``.
+
+    Args:
+        images: uint8 (or already float, returned unchanged) batch ``(B, 3, H, W)``.
+        mean, std: ``(3,)`` tensors.
+        dtype: output dtype.
+
+    Returns:
+        ``(B, 3, H, W)`` tensor of ``dtype`` on the images' device.
+    """
+    if images.is_floating_point():
+        return images
+    scale = (1.0 / (255.0 * std)).to(images.device, dtype).view(1, 3, 1, 1)
+    shift = (mean / std).to(images.device, dtype).view(1, 3, 1, 1)
+    return images.to(dtype) * scale - shift  # (B, 3, H, W)

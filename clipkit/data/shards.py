@@ -1,0 +1,214 @@
+"""Shard specs, sizes and the per-epoch plan: which reader reads which shards, how many batches.
+
+A *reader* is one data-loading worker of one rank (``world_size x max(workers, 1)`` readers).
+In epoch mode the shard list is shuffled with ``(seed, epoch)`` and split by rank, then by
+worker; each reader gets a *quota* of batches, equal-summed across ranks so every rank steps the
+same number of times (drop_last). In resampled mode each reader draws shards with replacement.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from webdataset.shardlists import expand_urls
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+@dataclass
+class Source:
+    """One ``::``-separated part of a shard spec."""
+
+    spec: str
+    urls: list[str]
+    weight: float = 1.0
+    # Samples per url (None when unknown).
+    sizes: list[int] | None = None
+
+
+@dataclass
+class Plan:
+    """What every reader of one rank does in one epoch."""
+
+    # Per logical reader: shard urls in reading order (epoch mode) or candidate urls (resampled).
+    urls: list[list[str]]
+    # Per logical reader: batches to produce (None: read to the end, partial last batch).
+    quotas: list[int | None]
+    # Resampled mode: per-url weights of each reader (None in epoch mode).
+    weights: list[list[float]] | None = None
+    num_batches: int | None = None
+    counts: list[int] = field(default_factory=list)
+
+
+def is_url(path: str) -> bool:
+    """True for ``pipe:``, ``http(s)://``, ``s3://``... (anything but a local path)."""
+    return bool(_URL.match(path)) and not re.match(r"^[a-zA-Z]:[\\/]", path)
+
+
+def _read_sizes(urls: list[str]) -> list[int] | None:
+    """Samples per shard from ``sizes.json`` beside local shards; None if any is unknown."""
+    cache: dict[Path, dict[str, int]] = {}
+    out = []
+    for url in urls:
+        if is_url(url):
+            return None
+        p = Path(url).expanduser()
+        f = p.parent / "sizes.json"
+        if f not in cache:
+            if not f.is_file():
+                return None
+            try:
+                cache[f] = json.loads(f.read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{f}: not a valid sizes.json ({err})") from err
+        if p.name not in cache[f]:
+            return None
+        out.append(int(cache[f][p.name]))
+    return out
+
+
+def parse_spec(spec: str, weights: list[float] | None = None) -> list[Source]:
+    """Split a shard spec into sources, expand braces and read ``sizes.json``.
+
+    Args:
+        spec: ``"a/{00000..00127}.tar::pipe:curl -s http://host/b-{0..9}.tar"``.
+        weights: one sampling weight per source (resampled mode), or empty.
+
+    Returns:
+        One :class:`Source` per ``::`` part.
+
+    Raises:
+        ValueError: empty spec, weights of the wrong length or negative, missing local shards.
+    """
+    if not spec or not spec.strip():
+        raise ValueError("data.train: empty shard spec")
+    parts = [s.strip() for s in spec.split("::")]
+    weights = list(weights or [])
+    if weights and len(weights) != len(parts):
+        raise ValueError(
+            f"data.weights: {len(weights)} weights for {len(parts)} sources in '{spec}'"
+        )
+    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise ValueError(f"data.weights: weights must be >= 0 with a positive sum, got {weights}")
+    sources = []
+    for i, part in enumerate(parts):
+        if not part:
+            raise ValueError(f"data.train: empty source #{i} in '{spec}'")
+        urls = expand_urls(part)
+        for url in urls:
+            if not is_url(url) and not Path(url).expanduser().is_file():
+                raise ValueError(f"data.train: shard not found: {url} (from '{part}')")
+        w = float(weights[i]) if weights else 1.0
+        sources.append(Source(part, urls, w, _read_sizes(urls)))
+    return sources
+
+
+def _num_readers(world_size: int, workers: int) -> int:
+    return world_size * max(workers, 1)
+
+
+def plan_epoch(
+    sources: list[Source],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    train: bool,
+    num_samples: int = 0,
+) -> Plan:
+    """Assign shards to this rank's readers for one epoch (epoch mode).
+
+    Every rank computes the same global assignment, so quotas agree without communication.
+
+    Raises:
+        ValueError: fewer shards than readers, or too few samples for one batch per rank.
+    """
+    urls = [u for s in sources for u in s.urls]
+    sizes_known = all(s.sizes is not None for s in sources)
+    if sizes_known:
+        sizes = [n for s in sources for n in s.sizes]
+    elif num_samples > 0:
+        # Unknown per-shard counts: assume equal shards (open_clip does the same).
+        sizes = [num_samples // len(urls) + (i < num_samples % len(urls)) for i in range(len(urls))]
+    else:
+        sizes = None
+    W = max(workers, 1)
+    readers = _num_readers(world_size, workers)
+    if train and len(urls) < readers:
+        raise ValueError(
+            f"data.train has {len(urls)} shards but {world_size} ranks x {W} workers = {readers} "
+            "readers; epoch mode needs at least one shard per reader (lower data.workers, "
+            "write more shards, or set data.resampled=true)"
+        )
+    order = list(range(len(urls)))
+    if train:
+        random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+
+    def reader_shards(r: int, w: int) -> list[int]:
+        return order[r::world_size][w::W]
+
+    mine = [[urls[i] for i in reader_shards(rank, w)] for w in range(W)]
+    if not train:
+        counts = [sum(sizes[i] for i in reader_shards(rank, w)) for w in range(W)] if sizes else []
+        nb = sum(-(-c // batch_size) for c in counts) if sizes else None
+        return Plan(mine, [None] * W, num_batches=nb, counts=counts)
+    if sizes is None:
+        raise ValueError(
+            f"data.train: no sizes.json beside the shards of '{sources[0].spec}' "
+            "and data.num_samples is 0; set data.num_samples"
+        )
+    quotas = []
+    for r in range(world_size):
+        quotas.append([sum(sizes[i] for i in reader_shards(r, w)) // batch_size for w in range(W)])
+    num_batches = min(sum(q) for q in quotas)
+    if num_batches == 0:
+        raise ValueError(
+            f"data.train: {sum(sizes)} samples are too few for one batch of {batch_size} "
+            f"on each of {world_size} ranks"
+        )
+    mq = quotas[rank]
+    # Trim the largest quotas first so every rank steps num_batches times.
+    while sum(mq) > num_batches:
+        mq[max(range(W), key=lambda w: (mq[w], -w))] -= 1
+    counts = [sum(sizes[i] for i in reader_shards(rank, w)) for w in range(W)]
+    return Plan(mine, mq, num_batches=num_batches, counts=counts)
+
+
+def plan_resampled(
+    sources: list[Source],
+    *,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    num_samples: int,
+) -> Plan:
+    """Every reader samples shards with replacement; source ``i`` is drawn with prob ∝ weight.
+
+    Raises:
+        ValueError: when the epoch length is unknown (no sizes.json and no data.num_samples).
+    """
+    if num_samples <= 0:
+        if any(s.sizes is None for s in sources):
+            raise ValueError("data.resampled needs data.num_samples (samples per epoch)")
+        num_samples = sum(sum(s.sizes) for s in sources)
+    W = max(workers, 1)
+    num_batches = num_samples // (batch_size * world_size)
+    if num_batches == 0:
+        raise ValueError(
+            f"data.num_samples={num_samples} is too small for one batch of {batch_size} "
+            f"on each of {world_size} ranks"
+        )
+    total = sum(s.weight for s in sources)
+    urls, weights = [], []
+    for s in sources:
+        urls += s.urls
+        weights += [s.weight / total / len(s.urls)] * len(s.urls)
+    quotas = [num_batches // W + (w < num_batches % W) for w in range(W)]
+    return Plan([urls] * W, quotas, weights=[weights] * W, num_batches=num_batches)

@@ -1,0 +1,271 @@
+"""The worker side: raw tar samples -> deterministic shuffle -> skip -> decode -> batches.
+
+Each DataLoader worker plays one *logical reader* of the epoch's :class:`~clipkit.data.shards.Plan`.
+Its raw sample stream (shards in plan order, then a seeded shuffle buffer over undecoded bytes)
+is a pure function of ``(seed, epoch, rank, reader)``, and each sample's crop and caption are
+drawn from a random source seeded by its position in that stream. So resuming at position ``p``
+replays the raw stream up to ``p`` without decoding anything and continues with the very
+samples, crops and captions an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clipkit.data.decode import DecodeError, eval_crop, train_crop
+from clipkit.data.shards import Plan
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = (
+    "corrupt_image",
+    "missing_image",
+    "missing_caption",
+    "bad_cls",
+    "truncated_shard",
+    "unreadable_shard",
+    "tar_error",
+)
+
+
+@dataclass
+class ReaderSpec:
+    """Everything a worker needs; plain data so it forks/pickles cheaply."""
+
+    plan: Plan
+    resampled: bool
+    seed: int
+    epoch: int
+    rank: int
+    batch_size: int
+    image_size: int
+    train: bool
+    tokenizer: Callable[[list[str]], torch.Tensor] | None
+    image_keys: list[str]
+    caption_keys: list[str]
+    shuffle_buffer: int
+    scale: tuple[float, float] = (0.9, 1.0)
+    fast_decode: bool = True
+    need_text: bool = True
+    # Resume: raw position and batches already produced, per logical reader.
+    start_pos: list[int] = field(default_factory=list)
+    produced: list[int] = field(default_factory=list)
+    # Physical worker p plays logical reader (p + rotation) % W.
+    rotation: int = 0
+
+
+class _Reader:
+    """One logical reader's stream."""
+
+    def __init__(self, spec: ReaderSpec, reader: int):
+        self.s = spec
+        self.r = reader
+        self.stats: Counter = Counter()
+        self.padding = False  # in a padding pass: samples were already counted
+        self.skipping = False  # replaying consumed samples: counted before the checkpoint
+        self.good_in_pass = 0
+
+    @property
+    def counting(self) -> bool:
+        return not (self.padding or self.skipping)
+
+    # -- raw stream --------------------------------------------------------------------------
+    def _handler(self, exn: BaseException) -> bool:
+        msg = str(exn)
+        if isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in msg:
+            kind = "truncated_shard"
+        elif isinstance(exn, OSError):
+            kind = "unreadable_shard"
+        else:
+            kind = "tar_error"
+        if self.counting:
+            self.stats[kind] += 1
+            log.warning("data: %s: %s", kind, msg[:300])
+        return True
+
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        yield from wds.tarfile_samples([{"url": url}], handler=self._handler)
+
+    def _resampled(self) -> Iterator[dict[str, Any]]:
+        s, urls = self.s, self.s.plan.urls[self.r]
+        rng = random.Random(f"resample/{s.seed}/{s.epoch}/{s.rank}/{self.r}")
+        weights = s.plan.weights[self.r]
+        empty_run = 0
+        while empty_run < 100:  # 100 shards in a row without a usable sample: give up
+            self.good_in_pass = 0
+            yield from self._shard_samples(rng.choices(urls, weights=weights)[0])
+            empty_run = 0 if self.good_in_pass else empty_run + 1
+        log.error("data: reader %d found no usable sample in 100 shards; stopping", self.r)
+
+    def _pass(self, pass_: int) -> Iterator[dict[str, Any]]:
+        order = list(self.s.plan.urls[self.r])
+        if pass_ > 0:
+            s = self.s
+            random.Random(f"pad/{s.seed}/{s.epoch}/{s.rank}/{self.r}/{pass_}").shuffle(order)
+        for url in order:
+            yield from self._shard_samples(url)
+
+    def _shuffled(self, src: Iterator[dict[str, Any]], tag: str) -> Iterator[dict[str, Any]]:
+        n = self.s.shuffle_buffer if self.s.train else 0
+        if n <= 1:
+            yield from src
+            return
+        rng = random.Random(f"samples/{self.s.seed}/{self.s.epoch}/{self.s.rank}/{self.r}/{tag}")
+        buf: list[dict[str, Any]] = []
+        for sample in src:
+            if len(buf) < n:
+                buf.append(sample)
+                continue
+            i = rng.randrange(n)
+            buf[i], sample = sample, buf[i]
+            yield sample
+        rng.shuffle(buf)
+        yield from buf
+
+    def raw(self) -> Iterator[dict[str, Any]]:
+        """The deterministic raw (undecoded) sample stream of this reader."""
+        if self.s.resampled:
+            yield from self._shuffled(self._resampled(), "resampled")
+            return
+        for pass_ in range(1_000_000):
+            if pass_ > 0:
+                # Padding pass (train only): the quota outlived the shards because samples were
+                # skipped. The previous pass is fully consumed here (buffer drained per pass).
+                if not self.s.train or self.s.plan.quotas[self.r] is None:
+                    return
+                if self.good_in_pass == 0:
+                    return
+                self.padding = True
+            self.good_in_pass = 0
+            yield from self._shuffled(self._pass(pass_), str(pass_))
+
+    # -- decode --------------------------------------------------------------------------------
+    def decode(self, sample: dict[str, Any], pos: int) -> dict[str, Any] | None:
+        """Raw sample -> ``{"image", "text", "key"[, "cls"]}``; None (counted) when unusable."""
+        s = self.s
+        img_bytes = next((sample[k] for k in s.image_keys if k in sample), None)
+        if img_bytes is None:
+            self._count("missing_image")
+            return None
+        captions: list[str] = []
+        cap = next((sample[k] for k in s.caption_keys if k in sample), None)
+        if cap is not None:
+            text = cap.decode("utf-8", errors="replace") if isinstance(cap, bytes) else str(cap)
+            captions = [c.strip() for c in text.split("\n") if c.strip()]
+        if s.need_text and not captions:
+            self._count("missing_caption")
+            return None
+        rng = random.Random(f"{s.seed}/{s.epoch}/{s.rank}/{self.r}/{pos}")
+        try:
+            if s.train:
+                image = train_crop(img_bytes, s.image_size, rng, s.scale, s.fast_decode)
+            else:
+                image = eval_crop(img_bytes, s.image_size)
+        except DecodeError as err:
+            self._count("corrupt_image", f"{sample.get('__key__')}: {err}")
+            return None
+        out = {"image": image, "key": sample["__key__"]}
+        if captions:
+            # Several captions per image (COCO): training draws one per step.
+            out["text"] = captions[rng.randrange(len(captions))] if s.train else captions[0]
+        if "cls" in sample:
+            try:
+                out["cls"] = int(sample["cls"].decode().strip())
+            except ValueError:
+                self._count("bad_cls")
+        self.good_in_pass += 1
+        return out
+
+    def _count(self, kind: str, detail: str = "") -> None:
+        if self.counting:
+            self.stats[kind] += 1
+            if detail:
+                log.debug("data: %s: %s", kind, detail)
+
+    # -- batches -------------------------------------------------------------------------------
+    def collate(self, items: list[dict[str, Any]], pos: int, produced: int) -> dict[str, Any]:
+        s = self.s
+        batch: dict[str, Any] = {
+            "image": torch.stack([it["image"] for it in items]),  # (B, 3, S, S) uint8
+            "key": [it["key"] for it in items],
+        }
+        if s.tokenizer is not None and all("text" in it for it in items):
+            batch["text"] = s.tokenizer([it["text"] for it in items])  # (B, L)
+        elif all("text" in it for it in items):
+            batch["caption"] = [it["text"] for it in items]
+        if items and all("cls" in it for it in items):
+            batch["cls"] = torch.tensor([it["cls"] for it in items], dtype=torch.long)  # (B,)
+        batch["_meta"] = self.meta(pos, produced)
+        return batch
+
+    def meta(self, pos: int, produced: int) -> dict[str, Any]:
+        return {"reader": self.r, "pos": pos, "produced": produced, "stats": dict(self.stats)}
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        s = self.s
+        start = s.start_pos[self.r] if s.start_pos else 0
+        produced = s.produced[self.r] if s.produced else 0
+        quota = s.plan.quotas[self.r]
+        if quota is not None and produced >= quota:
+            return
+        items: list[dict[str, Any]] = []
+        pos = 0
+        self.skipping = start > 0
+        for pos, sample in enumerate(self.raw(), start=1):
+            if pos <= start:
+                # Consumed before the checkpoint: skipped undecoded. Reads after this one happened
+                # after the checkpoint in the original run, so they count again.
+                self.skipping = pos < start
+                continue
+            item = self.decode(sample, pos - 1)
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == s.batch_size:
+                produced += 1
+                yield self.collate(items, pos, produced)
+                items = []
+                if quota is not None and produced >= quota:
+                    return
+        if items and quota is None:
+            produced += 1
+            yield self.collate(items, pos, produced)
+        elif quota is not None:
+            log.warning("data: reader %d ended %d batches short", self.r, quota - produced)
+        # Final stats-only item so skips after the last batch are reported too.
+        yield {"_meta": self.meta(max(pos, start), produced)}
+
+
+class ShardStream(IterableDataset):
+    """IterableDataset over the batches of this rank; one logical reader per worker."""
+
+    def __init__(self, spec: ReaderSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        n = len(self.spec.plan.urls)
+        if info is None:
+            # In-process loading reads every logical reader in the DataLoader's round-robin order.
+            readers = [_Reader(self.spec, (i + self.spec.rotation) % n) for i in range(n)]
+            iters = [r.batches() for r in readers]
+            while iters:
+                for it in list(iters):
+                    try:
+                        yield next(it)
+                    except StopIteration:
+                        iters.remove(it)
+            return
+        torch.set_num_threads(1)  # workers decode one sample at a time; no intra-op pools
+        yield from _Reader(self.spec, (info.id + self.spec.rotation) % n).batches()
