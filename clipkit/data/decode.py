@@ -142,11 +142,20 @@ def _to_chw(img: Image.Image) -> torch.Tensor:
 
 
 def _resize_box(img: Image.Image, box: Box, full: tuple[int, int], size: int) -> Image.Image:
-    """Resize the crop ``box`` (original pixels of a ``full`` (h, w) image) of ``img``."""
+    """Crop ``box`` (original pixels of a ``full`` (h, w) image) out of ``img``, then resize.
+
+    ``img`` may be a DCT-downscaled decode of the full image: the box is scaled and rounded
+    to its pixels. Crop-then-resize (not PIL's ``box=`` resize, which also samples pixels
+    just outside the box) is what torchvision's ``resized_crop`` does on PIL images.
+    """
     top, left, h, w = box
-    sy, sx = img.height / full[0], img.width / full[1]
-    pil_box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=pil_box)
+    if img.height != full[0] or img.width != full[1]:
+        sy, sx = img.height / full[0], img.width / full[1]
+        y0, x0 = round(top * sy), round(left * sx)
+        y1 = min(img.height, max(y0 + 1, round((top + h) * sy)))
+        x1 = min(img.width, max(x0 + 1, round((left + w) * sx)))
+        top, left, h, w = y0, x0, y1 - y0, x1 - x0
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def train_crop(

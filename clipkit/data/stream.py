@@ -74,6 +74,7 @@ class _Reader:
         self.padding = False  # in a padding pass: samples were already counted
         self.skipping = False  # replaying consumed samples: counted before the checkpoint
         self.good_in_pass = 0
+        self._shard_errors: set[str] = set()  # error kinds already counted for this shard
 
     @property
     def counting(self) -> bool:
@@ -88,12 +89,16 @@ class _Reader:
             kind = "unreadable_shard"
         else:
             kind = "tar_error"
+        if kind in self._shard_errors:
+            return True  # webdataset reports a broken stream once per member and once per shard
+        self._shard_errors.add(kind)
         if self.counting:
             self.stats[kind] += 1
             log.warning("data: %s: %s", kind, msg[:300])
         return True
 
     def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        self._shard_errors = set()
         yield from wds.tarfile_samples([{"url": url}], handler=self._handler)
 
     def _resampled(self) -> Iterator[dict[str, Any]]:

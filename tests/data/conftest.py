@@ -26,7 +26,13 @@ def coco_photos(data_root: Path, n: int, side: int = 96) -> list[bytes]:
 
 
 def write_shards(
-    out: Path, images: list[bytes], per_shard: int, *, cls: bool = True, ext: str = "jpg"
+    out: Path,
+    images: list[bytes],
+    per_shard: int,
+    *,
+    cls: bool = True,
+    ext: str = "jpg",
+    key_offset: int = 0,
 ) -> list[str]:
     """Write ``NNNNN.tar`` shards (key.<ext>, key.txt[, key.cls]) and sizes.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -35,9 +41,10 @@ def write_shards(
         name = f"{s // per_shard:05d}.tar"
         with wds.TarWriter(str(out / name)) as tw:
             for i, img in enumerate(images[s : s + per_shard], start=s):
-                sample = {"__key__": f"{i:06d}", ext: img, "txt": f"photo number {i}"}
+                k = i + key_offset
+                sample = {"__key__": f"{k:06d}", ext: img, "txt": f"photo number {k}"}
                 if cls:
-                    sample["cls"] = str(i % 10)
+                    sample["cls"] = str(k % 10)
                 tw.write(sample)
         sizes[name] = len(images[s : s + per_shard])
         names.append(name)

@@ -101,3 +101,98 @@ def test_exact_resume_mid_epoch(shard_dir):
         assert [b["key"] for b in got] == [b["key"] for b in full]
         for a, b in zip(got, full):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+
+def _resampled(tmp_path, photos):
+    from conftest import write_shards
+
+    if not (tmp_path / "b").exists():
+        write_shards(tmp_path / "a", photos[:40], 10)  # keys 000000..000039
+        write_shards(tmp_path / "b", photos[40:80], 10, key_offset=1000)  # keys 001000..
+    c = DataConfig(
+        train=f"{tmp_path}/a/{{00000..00003}}.tar::{tmp_path}/b/{{00000..00003}}.tar",
+        weights=[3.0, 1.0],
+        resampled=True,
+        num_samples=400,
+        workers=2,
+        shuffle_buffer=8,
+    )
+    return build_train_loader(
+        c, tokenizer=toy_tokenizer, image_size=16, mean=MEAN, std=STD, batch_size=10, seed=0
+    )
+
+
+def test_resampled_mode_is_weighted_and_sized(tmp_path, photos):
+    loader = _resampled(tmp_path, photos)
+    assert loader.num_batches == 40
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == 400
+    frac_a = sum(int(k) < 1000 for k in keys) / len(keys)
+    assert 0.6 < frac_a < 0.9  # weights 3:1 -> 0.75 expected (40 shard draws)
+    loader.set_epoch(1)
+    assert [k for b in loader for k in b["key"]] != keys  # new draws each epoch
+
+
+def test_resampled_mode_resumes_exactly(tmp_path, photos):
+    full = [b["key"] for b in _resampled(tmp_path, photos)]
+    first = _resampled(tmp_path, photos)
+    head = [b["key"] for b in _run(first, 13)]
+    resumed = _resampled(tmp_path, photos)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["key"] for b in resumed] == full
+
+
+def test_digits_style_png_shards(tmp_path):
+    """8x8 greyscale PNGs upscaled (the built-in demo's format) read as RGB."""
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "train-0.tar")) as tw:
+        for i in range(12):
+            img = Image.fromarray(rng.integers(0, 16, (8, 8), dtype=np.uint8) * 16, "L")
+            buf = io.BytesIO()
+            img.resize((32, 32), Image.Resampling.NEAREST).save(buf, "PNG")
+            tw.write(
+                {
+                    "__key__": f"d{i:03d}",
+                    "png": buf.getvalue(),
+                    "txt": f"a digit {i % 10}",
+                    "cls": str(i % 10),
+                    "json": json.dumps({"label": i % 10}),
+                }
+            )
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-0.tar": 12}))
+    c = DataConfig(train=str(tmp_path / "train-0.tar"), workers=0)
+    loader = build_train_loader(
+        c, tokenizer=toy_tokenizer, image_size=24, mean=MEAN, std=STD, batch_size=4, seed=0
+    )
+    batches = list(loader)
+    assert len(batches) == 3 and loader.stats["corrupt_image"] == 0
+    img = batches[0]["image"]
+    assert img.shape == (4, 3, 24, 24)
+    assert torch.equal(img[:, 0], img[:, 1]) and torch.equal(img[:, 1], img[:, 2])  # grey
+
+
+def test_eval_loader_matches_open_clip_preprocess(shard_dir, photos):
+    import io
+
+    import open_clip
+    from PIL import Image
+
+    from clipkit.data import build_eval_loader
+
+    m, s = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    loader = build_eval_loader(str(shard_dir / "{00000..00001}.tar"), 40, m, s, 7, workers=2)
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == [f"{i:06d}" for i in range(24)] and "caption" in batches[0]
+    pre = open_clip.image_transform(40, is_train=False, mean=m, std=s)
+    for b in batches[:2]:
+        ref = torch.stack([pre(Image.open(io.BytesIO(photos[int(k)]))) for k in b["key"]])
+        torch.testing.assert_close(b["image"], ref, atol=1e-5, rtol=0)
+        assert b["cls"].tolist() == [int(k) % 10 for k in b["key"]]
