@@ -1,0 +1,270 @@
+"""``ContrastiveLoss`` modules (temperature, distributed gather, queue) and their registry.
+
+Distributed normalisation: on ``W`` processes each rank returns ``W / N_global`` times the sum
+of its own rows' (and positive columns') losses. The all-gather's backward sums what every
+rank's loss sends to each shard, and DDP then averages the ``W`` ranks' gradients: the result
+is exactly the gradient of one process holding the whole global batch. With equal shards the
+value a rank returns is the mean over its own rows, and the mean over ranks is the global loss.
+There is no flag to get this wrong: with ``world_size > 1`` the module always gathers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clipkit.config.schema import LossConfig
+from clipkit.losses.dist import all_gather_with_grad, average_grad, gather_sizes, world
+from clipkit.losses.infonce import check_pair, info_nce, info_nce_sharded
+from clipkit.losses.queue import NegativeQueue
+from clipkit.losses.siglip import siglip_loss, siglip_sharded
+
+
+class ContrastiveLoss(nn.Module):
+    """Base: holds the (learnable or fixed) log-scale, the optional queue, and the gather.
+
+    Args:
+        init_scale: initial multiplier ``1 / temperature``.
+        learnable: learn ``log(scale)`` (a parameter) or keep it fixed (a buffer).
+        max_logit_scale: :meth:`clamp_` caps the scale here (CLIP: 100).
+        chunk_size: tile edge; 0 = default.
+        queue_size: MoCo FIFO of past keys used as extra negatives while training; 0 = off.
+
+    Raises:
+        ValueError: non-positive scale, bad clamp, chunk or queue size.
+    """
+
+    def __init__(
+        self,
+        init_scale: float,
+        *,
+        learnable: bool = True,
+        max_logit_scale: float = 100.0,
+        chunk_size: int = 0,
+        queue_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if not init_scale > 0 or not math.isfinite(init_scale):
+            raise ValueError(f"logit scale (1/temperature) must be > 0, got {init_scale}")
+        if not max_logit_scale >= 1:
+            raise ValueError(f"loss.max_logit_scale must be >= 1, got {max_logit_scale}")
+        if learnable and init_scale > max_logit_scale:
+            raise ValueError(
+                f"initial logit scale {init_scale:g} exceeds loss.max_logit_scale="
+                f"{max_logit_scale:g}; the clamp would change it after the first step"
+            )
+        if chunk_size < 0:
+            raise ValueError(f"loss.chunk_size must be >= 0, got {chunk_size}")
+        if queue_size < 0:
+            raise ValueError(f"loss.queue_size must be >= 0, got {queue_size}")
+        log_scale = torch.tensor(math.log(init_scale))
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.max_logit_scale = float(max_logit_scale)
+        self.chunk_size = int(chunk_size) or None
+        self.queue = NegativeQueue(queue_size) if queue_size > 0 else None
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The module's own multiplier ``exp(log_scale)`` (0-d)."""
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the own scale to ``[1, max_logit_scale]`` after each optimiser step (CLIP)."""
+        self.log_scale.clamp_(0.0, math.log(self.max_logit_scale))
+
+    def _scale(self, logit_scale: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        if logit_scale is not None:
+            return logit_scale
+        s = self.logit_scale
+        # The trainer does not wrap the loss in DDP: average its own scale's gradient here.
+        # Averaging is idempotent, so it stays right if something else averages it too.
+        return average_grad(s) if world_size > 1 and s.requires_grad else s
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of queries ``q (n, D)`` against keys ``k (n, D)`` (+ hard negatives ``(n*h, D)``).
+
+        ``logit_scale`` / ``logit_bias``: the model's own (already exponentiated) scale and bias;
+        when None the module's own are used. Under torch.distributed with ``world_size > 1`` all
+        ranks must call this together with the same structure (hard negatives or not).
+
+        Returns:
+            0-d loss; see the module docstring for its distributed normalisation.
+
+        Raises:
+            ValueError: mismatched shapes.
+        """
+        check_pair(q, k, {"hard_negatives": hard_negatives})
+        _, w = world()
+        s = self._scale(logit_scale, w)
+        extra = self.queue.get() if self.queue is not None and self.training else None
+        if w == 1:
+            loss = self._local(q, k, hard_negatives, s, logit_bias, extra)
+            k_all = k
+        else:
+            sizes = gather_sizes(q.shape[0], q.device)
+            k_all, offset = all_gather_with_grad(k, sizes)  # (N, D), N = sum of local n
+            hn_all = None
+            if hard_negatives is not None:
+                hn_all, _ = all_gather_with_grad(hard_negatives)  # (N*h, D)
+            keys = [t.to(k.dtype) for t in (k_all, hn_all, extra) if t is not None]
+            keys_all = torch.cat(keys) if len(keys) > 1 else k_all  # (N + N*h + Q, D)
+            loss = self._sharded(q, k, keys_all, sizes, offset, s, logit_bias, w)
+        if self.queue is not None and self.training:
+            self.queue.push(k_all.detach())
+        return loss
+
+    def _local(self, q, k, hard_negatives, s, logit_bias, extra) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sharded(self, q, k, keys_all, sizes, offset, s, logit_bias, w) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InfoNCELoss(ContrastiveLoss):
+    """CLIP / SimCSE InfoNCE (:func:`clipkit.losses.info_nce`) with its temperature.
+
+    Args:
+        temperature: initial temperature (CLIP 0.07; SimCSE 0.05 fixed).
+        symmetric: average both directions (CLIP) or queries-to-keys only (SimCSE).
+        label_smoothing: as ``F.cross_entropy(label_smoothing=...)``.
+        **kwargs: see :class:`ContrastiveLoss`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        *,
+        symmetric: bool = True,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
+        super().__init__(1.0 / temperature, **kwargs)
+        self.symmetric = symmetric
+        self.label_smoothing = float(label_smoothing)
+
+    def _local(self, q, k, hard_negatives, s, logit_bias, extra):
+        return info_nce(
+            q,
+            k,
+            s,
+            hard_negatives=hard_negatives,
+            symmetric=self.symmetric,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
+            extra_negatives=extra,
+        )
+
+    def _sharded(self, q, k, keys_all, sizes, offset, s, logit_bias, w):
+        q_all = all_gather_with_grad(q, sizes)[0] if self.symmetric else None  # (N, D)
+        return info_nce_sharded(
+            q,
+            k,
+            s,
+            q_all=q_all,
+            keys_all=keys_all,
+            offset=offset,
+            n_global=sum(sizes),
+            world_size=w,
+            symmetric=self.symmetric,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
+        )
+
+
+class SigLIPLoss(ContrastiveLoss):
+    """SigLIP sigmoid loss (:func:`clipkit.losses.siglip_loss`) with learnable scale and bias.
+
+    Args:
+        init_scale: initial multiplier (SigLIP: 10).
+        init_bias: initial bias (SigLIP: -10).
+        **kwargs: see :class:`ContrastiveLoss`; ``learnable`` applies to the bias too.
+    """
+
+    def __init__(self, init_scale: float = 10.0, init_bias: float = -10.0, **kwargs) -> None:
+        super().__init__(init_scale, **kwargs)
+        bias = torch.tensor(float(init_bias))
+        if kwargs.get("learnable", True):
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("bias", bias)
+
+    def _bias(self, logit_bias: torch.Tensor | None, w: int) -> torch.Tensor:
+        if logit_bias is not None:
+            return logit_bias
+        return average_grad(self.bias) if w > 1 and self.bias.requires_grad else self.bias
+
+    def _local(self, q, k, hard_negatives, s, logit_bias, extra):
+        return siglip_loss(
+            q,
+            k,
+            s,
+            self._bias(logit_bias, 1),
+            hard_negatives=hard_negatives,
+            chunk_size=self.chunk_size,
+            extra_negatives=extra,
+        )
+
+    def _sharded(self, q, k, keys_all, sizes, offset, s, logit_bias, w):
+        return siglip_sharded(
+            q,
+            s,
+            self._bias(logit_bias, w),
+            keys_all=keys_all,
+            offset=offset,
+            n_global=sum(sizes),
+            world_size=w,
+            chunk_size=self.chunk_size,
+        )
+
+
+# name -> builder from the loss config; the error for an unknown name lists these keys.
+LOSSES = {
+    "infonce": lambda cfg: InfoNCELoss(
+        cfg.temperature,
+        symmetric=cfg.symmetric,
+        label_smoothing=cfg.label_smoothing,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+        queue_size=cfg.queue_size,
+    ),
+    "siglip": lambda cfg: SigLIPLoss(
+        cfg.siglip_init_scale,
+        cfg.siglip_init_bias,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+        queue_size=cfg.queue_size,
+    ),
+}
+
+
+def build_loss(cfg: LossConfig) -> ContrastiveLoss:
+    """Build the loss named by ``cfg.name`` from :data:`LOSSES`.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones) or invalid settings.
+    """
+    if cfg.name not in LOSSES:
+        raise ValueError(f"unknown loss.name '{cfg.name}'; valid: {', '.join(sorted(LOSSES))}")
+    if cfg.name == "siglip" and cfg.label_smoothing:
+        raise ValueError("loss.label_smoothing applies to infonce only (loss.name=siglip)")
+    return LOSSES[cfg.name](cfg)

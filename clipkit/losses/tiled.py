@@ -1,0 +1,193 @@
+"""Tiled kernels behind the contrastive losses: never materialise the ``(N, M)`` logit matrix.
+
+Both functions walk the logits ``L = s * a @ b.T`` tile by tile (Inf-CL, arXiv 2410.17243):
+the forward keeps only per-row / per-column running max and log-sum-exp (or a running sum),
+the backward recomputes each tile from ``a`` and ``b``. Peak memory is ``O((N + M) * D + tile^2)``.
+Tiles are computed in float32 (float64 for float64 inputs) whatever the input dtype, and the
+positive logits are read out of the same tiles, so they carry exactly the tiles' rounding (a
+positive computed at another rounding was off by 46% for a tiny bf16 loss, ANCHORS.md).
+
+These are autograd Functions with Python loops; callers wrap them in
+``torch.compiler.disable`` so ``torch.compile`` does not unroll the loop into its graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# CPU: 256-512 measured a little faster and leaner than 1024 (ANCHORS.md); GPUs want bigger tiles.
+DEFAULT_CHUNK_CPU = 512
+DEFAULT_CHUNK_CUDA = 2048
+
+
+def default_chunk(device: torch.device) -> int:
+    """Tile edge used when ``chunk_size`` is None or 0."""
+    return DEFAULT_CHUNK_CPU if device.type == "cpu" else DEFAULT_CHUNK_CUDA
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _diag_in_tile(
+    i0: int, i1: int, j0: int, j1: int, offset: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+    """Tile-local (row, col) indices of the positives ``(i, i + offset)`` inside a tile."""
+    lo, hi = max(i0, j0 - offset), min(i1, j1 - offset)
+    if lo >= hi:
+        return None
+    idx = torch.arange(lo, hi, device=device)
+    return idx - i0, idx + offset - j0, lo, hi
+
+
+class TiledLogSumExp(torch.autograd.Function):
+    """Row log-sum-exp, column log-sum-exp and positive logits of ``L = s * a @ b.T``.
+
+    forward(a (N, D), b (M, D), scale 0-d, offset, n_cols, chunk) ->
+    (row_lse (N,), col_lse (n_cols,) over the N rows for columns ``0..n_cols-1``,
+    pos (N,) with ``pos[i] = L[i, i + offset]``), all in the accumulation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, offset: int, n_cols: int, chunk: int):
+        acc = acc_dtype(a, b)
+        a_, b_, s = a.to(acc), b.to(acc), scale.detach().to(acc)
+        n, m = a_.shape[0], b_.shape[0]
+        row_lse = a_.new_empty(n)
+        pos = a_.new_empty(n)
+        col_max = a_.new_full((n_cols,), float("-inf"))
+        col_sum = a_.new_zeros(n_cols)
+        for i0 in range(0, n, chunk):
+            i1 = min(i0 + chunk, n)
+            ai = a_[i0:i1]  # (c, D)
+            r_max = a_.new_full((i1 - i0,), float("-inf"))
+            r_sum = a_.new_zeros(i1 - i0)
+            for j0 in range(0, m, chunk):
+                j1 = min(j0 + chunk, m)
+                t = torch.mm(ai, b_[j0:j1].T).mul_(s)  # (c, c') logits tile
+                d = _diag_in_tile(i0, i1, j0, j1, offset, a_.device)
+                if d is not None:
+                    pos[d[2] : d[3]] = t[d[0], d[1]]
+                new = torch.maximum(r_max, t.amax(1))
+                r_sum = r_sum * torch.exp(r_max - new) + torch.exp(t - new[:, None]).sum(1)
+                r_max = new
+                if j0 < n_cols:
+                    jc = min(j1, n_cols) - j0
+                    tc = t[:, :jc]  # (c, jc) positive columns only
+                    old = col_max[j0 : j0 + jc]
+                    new_c = torch.maximum(old, tc.amax(0))
+                    col_sum[j0 : j0 + jc] = col_sum[j0 : j0 + jc] * torch.exp(old - new_c) + (
+                        tc.sub_(new_c).exp_().sum(0)
+                    )
+                    col_max[j0 : j0 + jc] = new_c
+            row_lse[i0:i1] = r_max + torch.log(r_sum)
+        col_lse = col_max + torch.log(col_sum)
+        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
+        ctx.offset, ctx.n_cols, ctx.chunk = offset, n_cols, chunk
+        return row_lse, col_lse, pos
+
+    @staticmethod
+    def backward(ctx, g_row, g_col, g_pos):
+        a, b, scale, row_lse, col_lse = ctx.saved_tensors
+        offset, n_cols, chunk = ctx.offset, ctx.n_cols, ctx.chunk
+        acc = row_lse.dtype
+        a_, b_, s = a.to(acc), b.to(acc), scale.detach().to(acc)
+        n, m = a_.shape[0], b_.shape[0]
+        g_row, g_col, g_pos = g_row.to(acc), g_col.to(acc), g_pos.to(acc)
+        need_b = ctx.needs_input_grad[1]
+        # dL/dL_ij = g_row_i * softmax_row_ij + g_col_j * softmax_col_ij + g_pos_i [j = i + off]
+        ga = torch.zeros_like(a_)  # (N, D) sum_j G_ij b_j, scaled by s at the end
+        gb = torch.zeros_like(b_) if need_b else None  # (M, D)
+        for i0 in range(0, n, chunk):
+            i1 = min(i0 + chunk, n)
+            ai = a_[i0:i1]
+            r = row_lse[i0:i1, None]
+            gr = g_row[i0:i1, None]
+            for j0 in range(0, m, chunk):
+                j1 = min(j0 + chunk, m)
+                bj = b_[j0:j1]
+                t = torch.mm(ai, bj.T).mul_(s)  # (c, c') recomputed tile
+                g = (t - r).exp_().mul_(gr)  # (c, c')
+                if j0 < n_cols:
+                    jc = min(j1, n_cols) - j0
+                    tc = t[:, :jc]
+                    g[:, :jc] += tc.sub_(col_lse[j0 : j0 + jc]).exp_().mul_(g_col[j0 : j0 + jc])
+                d = _diag_in_tile(i0, i1, j0, j1, offset, a_.device)
+                if d is not None:
+                    g[d[0], d[1]] += g_pos[d[2] : d[3]]
+                ga[i0:i1] += g @ bj
+                if need_b:
+                    gb[j0:j1] += g.T @ ai
+        # dloss/ds = sum_ij G_ij (a_i . b_j) = sum_i a_i . (G b)_i: O(N D), no extra tile pass.
+        g_scale = (ga * a_).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
+        ga = ga.mul_(s).to(a.dtype) if ctx.needs_input_grad[0] else None
+        gb = gb.mul_(s).to(b.dtype) if need_b else None
+        return ga, gb, g_scale, None, None, None
+
+
+class TiledSigmoidSum(torch.autograd.Function):
+    """SigLIP's summed pairwise loss ``sum_ij softplus(-z_ij * (s * a_i . b_j + bias))``.
+
+    ``z_ij = +1`` where ``j == i + offset`` (the positives), ``-1`` elsewhere.
+    forward(a (N, D), b (M, D), scale 0-d, bias 0-d, offset, chunk) -> 0-d sum (accumulation dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, offset: int, chunk: int):
+        acc = acc_dtype(a, b)
+        a_, b_ = a.to(acc), b.to(acc)
+        s, c = scale.detach().to(acc), bias.detach().to(acc)
+        n, m = a_.shape[0], b_.shape[0]
+        total = a_.new_zeros(())
+        for i0 in range(0, n, chunk):
+            i1 = min(i0 + chunk, n)
+            ai = a_[i0:i1]
+            for j0 in range(0, m, chunk):
+                j1 = min(j0 + chunk, m)
+                t = torch.mm(ai, b_[j0:j1].T).mul_(s).add_(c)  # (c, c') logits tile
+                d = _diag_in_tile(i0, i1, j0, j1, offset, a_.device)
+                if d is not None:
+                    # -z * L: flip the positives in place (no softplus(x) - x cancellation)
+                    t[d[0], d[1]] = -t[d[0], d[1]]
+                total += F.softplus(t).sum()
+        ctx.save_for_backward(a, b, scale, bias)
+        ctx.offset, ctx.chunk, ctx.acc = offset, chunk, acc
+        return total
+
+    @staticmethod
+    def backward(ctx, g_out):
+        a, b, scale, bias = ctx.saved_tensors
+        offset, chunk, acc = ctx.offset, ctx.chunk, ctx.acc
+        a_, b_ = a.to(acc), b.to(acc)
+        s, c = scale.detach().to(acc), bias.detach().to(acc)
+        g_out = g_out.to(acc)
+        n, m = a_.shape[0], b_.shape[0]
+        need_b = ctx.needs_input_grad[1]
+        ga = torch.zeros_like(a_)  # (N, D)
+        gb = torch.zeros_like(b_) if need_b else None  # (M, D)
+        g_bias = a_.new_zeros(())
+        for i0 in range(0, n, chunk):
+            i1 = min(i0 + chunk, n)
+            ai = a_[i0:i1]
+            for j0 in range(0, m, chunk):
+                j1 = min(j0 + chunk, m)
+                bj = b_[j0:j1]
+                g = torch.mm(ai, bj.T).mul_(s).add_(c)  # (c, c') logits tile
+                d = _diag_in_tile(i0, i1, j0, j1, offset, a_.device)
+                if d is not None:
+                    g[d[0], d[1]] = -g[d[0], d[1]]
+                g.sigmoid_()  # d softplus(-z L) / dL = -z * sigmoid(-z L)
+                if d is not None:
+                    g[d[0], d[1]] = -g[d[0], d[1]]  # positives: -sigmoid(-L), exact for large L
+                g.mul_(g_out)
+                g_bias += g.sum()
+                ga[i0:i1] += g @ bj
+                if need_b:
+                    gb[j0:j1] += g.T @ ai
+        g_scale = (ga * a_).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
+        g_bias = g_bias.to(bias.dtype) if ctx.needs_input_grad[3] else None
+        ga = ga.mul_(s).to(a.dtype) if ctx.needs_input_grad[0] else None
+        gb = gb.mul_(s).to(b.dtype) if need_b else None
+        return ga, gb, g_scale, g_bias, None, None
