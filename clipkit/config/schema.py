@@ -29,6 +29,10 @@ class DataConfig:
     # Caption field(s) in the shards, tried in order.
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "text", "caption"])
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    # SimCSE hard-negative mining: per anchor, add the N nearest pool sentences (current encoder)
+    # whose cosine similarity is at most mine_max_sim (guard against false negatives); 0 = off.
+    mine_negatives: int = 0
+    mine_max_sim: float = 0.8
 
 
 @dataclass
