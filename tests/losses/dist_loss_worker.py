@@ -1,0 +1,170 @@
+"""Worker for test_distributed.py: the loss modules on W gloo processes vs one global batch.
+
+Run with ``torchrun --nproc_per_node 2 tests/losses/dist_loss_worker.py OUT.json``. Every rank
+holds a slice of one fixed global batch (unequal slices: 5 and 7 rows); features come from
+small linear "towers" so the check is on parameter gradients, averaged over ranks as DDP does.
+The reference is the pure single-process function on the whole batch. Rank 0 writes the
+largest relative error of every case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from clipkit.config import LossConfig
+from clipkit.losses import build_loss, info_nce, siglip_loss
+
+N, D_IN, D, H = 12, 10, 6, 2
+SIZES = [5, 7]
+DT = torch.float64
+
+
+def _params(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "wq": torch.randn(D_IN, D, generator=g, dtype=DT).requires_grad_(),
+        "wk": torch.randn(D_IN, D, generator=g, dtype=DT).requires_grad_(),
+        "log_s": torch.tensor(math.log(14.3), dtype=DT).requires_grad_(),
+        "bias": torch.tensor(-2.0, dtype=DT).requires_grad_(),
+    }
+
+
+def _data(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "xq": torch.randn(N, D_IN, generator=g, dtype=DT),
+        "xk": torch.randn(N, D_IN, generator=g, dtype=DT),
+        "xh": torch.randn(N, H, D_IN, generator=g, dtype=DT),
+    }
+
+
+def _embed(p, x, rows):
+    q = F.normalize(x["xq"][rows] @ p["wq"], dim=-1)  # (n, D)
+    k = F.normalize(x["xk"][rows] @ p["wk"], dim=-1)  # (n, D)
+    hn = F.normalize(x["xh"][rows].reshape(-1, D_IN) @ p["wk"], dim=-1)  # (n*H, D)
+    return q, k, hn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+CASES = {
+    # name: (loss config, use hard negatives, model passes its scale (and bias))
+    "infonce": (LossConfig(), False, True),
+    "infonce_hardneg_smooth": (LossConfig(label_smoothing=0.1), True, True),
+    "simcse_hardneg_fixed_temp": (
+        LossConfig(temperature=0.05, learnable_temperature=False, symmetric=False),
+        True,
+        False,
+    ),
+    "infonce_own_temperature": (LossConfig(), False, False),
+    "siglip": (LossConfig(name="siglip"), False, True),
+    "siglip_hardneg_own": (LossConfig(name="siglip"), True, False),
+}
+
+
+def _reference(cfg, loss_fn, q, k, hn, s, b, extra=None):
+    if cfg.name == "siglip":
+        return siglip_loss(q, k, s, b, hard_negatives=hn, chunk_size=4, extra_negatives=extra)
+    return info_nce(
+        q,
+        k,
+        s,
+        hard_negatives=hn,
+        symmetric=cfg.symmetric,
+        label_smoothing=cfg.label_smoothing,
+        chunk_size=4,
+        extra_negatives=extra,
+    )
+
+
+def run_case(name, rank, world) -> float:
+    cfg, use_hn, model_scale = CASES[name]
+    cfg.chunk_size = 3
+    p, x = _params(0), _data(1)
+    start = sum(SIZES[:rank])
+    rows = torch.arange(start, start + SIZES[rank])
+    # Distributed: this rank's slice through the module.
+    loss_fn = build_loss(cfg).double()
+    q, k, hn = _embed(p, x, rows)
+    kw = {"hard_negatives": hn if use_hn else None}
+    if model_scale:
+        kw["logit_scale"] = p["log_s"].exp()
+        kw["logit_bias"] = p["bias"] if cfg.name == "siglip" else None
+    local = loss_fn(q, k, **kw)
+    local.backward()
+    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+    own = {n: t.grad.clone() for n, t in loss_fn.named_parameters() if t.grad is not None}
+    for g in grads.values():  # what DDP does to the model's parameters
+        dist.all_reduce(g)
+        g /= world
+    mean_loss = local.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    # Reference: one process, the global batch, the pure function.
+    p_ref, ref_fn = _params(0), build_loss(cfg).double()
+    q, k, hn = _embed(p_ref, x, torch.arange(N))
+    s = p_ref["log_s"].exp() if model_scale else ref_fn.logit_scale
+    b = p_ref["bias"] if model_scale else getattr(ref_fn, "bias", None)
+    ref = _reference(cfg, ref_fn, q, k, hn if use_hn else None, s, b)
+    ref.backward()
+    errs = [_rel(mean_loss, ref.detach())]
+    for n, t in p_ref.items():
+        if t.grad is not None:
+            errs.append(_rel(grads[n], t.grad))
+    ref_own = {n: t.grad for n, t in ref_fn.named_parameters() if t.grad is not None}
+    assert set(own) == set(ref_own), name
+    for n, g in ref_own.items():  # own temperature/bias: averaged by the module itself
+        errs.append(_rel(own[n], g))
+    assert set(grads) == {n for n, t in p_ref.items() if t.grad is not None}, name
+    return max(errs)
+
+
+def run_queue_case(rank, world) -> float:
+    cfg = LossConfig(queue_size=16, chunk_size=3)
+    p, x1, x2 = _params(0), _data(1), _data(2)
+    start = sum(SIZES[:rank])
+    rows = torch.arange(start, start + SIZES[rank])
+    loss_fn = build_loss(cfg).double()
+    for x in (x1, x2):  # the second step sees the first step's global keys in the queue
+        for t in p.values():
+            t.grad = None
+        q, k, _ = _embed(p, x, rows)
+        local = loss_fn(q, k, logit_scale=p["log_s"].exp())
+        local.backward()
+    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= world
+    p_ref = _params(0)
+    with torch.no_grad():
+        _, k1, _ = _embed(p_ref, x1, torch.arange(N))
+    q, k, _ = _embed(p_ref, x2, torch.arange(N))
+    info_nce(q, k, p_ref["log_s"].exp(), extra_negatives=k1, chunk_size=4).backward()
+    return max(_rel(grads[n], p_ref[n].grad) for n in grads)
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    results = {name: run_case(name, rank, world) for name in CASES}
+    results["infonce_queue"] = run_queue_case(rank, world)
+    gathered: list[dict[str, float]] = [{} for _ in range(world)]
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        worst = {n: max(r[n] for r in gathered) for n in results}
+        with open(out, "w") as f:
+            json.dump(worst, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
