@@ -5,11 +5,13 @@ and serves the training loop, the ``clipkit eval`` CLI and the tests alike.
 """
 
 from clipkit.eval.prompts import load_classnames, load_templates
+from clipkit.eval.retrieval import retrieval  # the function shadows its module's name, on purpose
 from clipkit.eval.zeroshot import build_zeroshot_classifier, zero_shot
 
 __all__ = [
     "build_zeroshot_classifier",
     "load_classnames",
     "load_templates",
+    "retrieval",
     "zero_shot",
 ]

@@ -1,0 +1,161 @@
+"""Low-level pieces of the eval readers: image decoding, tar scanning, WebDataset shards, collate.
+
+The shard reader is a small streaming tar reader rather than ``webdataset``'s pipeline so the
+order is fixed (shards in the given order, samples in tar order) and a bad image is counted
+instead of ending the epoch. Samples are grouped WebDataset-style: ``dir/key.ext`` members with
+the same ``dir/key`` form one sample.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """RGB PIL image from encoded bytes, or None when the bytes are not a readable image."""
+    if not data:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data))
+        return img.convert("RGB")  # forces the full decode, so truncation shows up here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def scan_tar(path: Path) -> list[tuple[str, int, int]]:
+    """``(member name without "./", data offset, size)`` of every image member of a tar."""
+    try:
+        with tarfile.open(path) as tf:
+            out = [
+                (m.name.removeprefix("./"), m.offset_data, m.size)
+                for m in tf.getmembers()
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)
+            ]
+    except tarfile.TarError as err:
+        raise ValueError(f"cannot read tar {path}: {err}") from None
+    return out
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a brace spec (``d/{000..009}.tar``), a folder of tars or one tar.
+
+    Raises:
+        ValueError: when no shard exists.
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        shards = sorted(glob.glob(str(p / "*.tar")), key=lambda s: (len(s), s))
+    elif "{" in spec:
+        import braceexpand
+
+        shards = list(braceexpand.braceexpand(spec))
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise ValueError(f"shard not found: {missing[0]} (from {spec})")
+    else:
+        shards = [str(p)] if p.is_file() else []
+    if not shards:
+        raise ValueError(f"no .tar shards found at {spec}")
+    return shards
+
+
+def _samples(shard: str):
+    """Yield ``(key, {ext: bytes})`` from one tar, grouping consecutive members by key."""
+    key, fields = None, {}
+    with tarfile.open(shard, "r|*") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            name = m.name.removeprefix("./")
+            stem, _, ext = name.rpartition("/")[2].partition(".")
+            k = f"{name.rpartition('/')[0]}/{stem}"
+            if k != key:
+                if key is not None:
+                    yield key, fields
+                key, fields = k, {}
+            fields[ext.lower()] = tf.extractfile(m).read()
+    if key is not None:
+        yield key, fields
+
+
+class _ShardStream(IterableDataset):
+    """Shards split over ranks and workers (shard ``i`` to slot ``i % (world * workers)``)."""
+
+    def __init__(self, shards: list[str], transform: Any) -> None:
+        self.shards = shards
+        self.transform = transform
+        self.rank, self.world = 0, 1
+
+    def set_rank(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def _my_shards(self) -> list[str]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * nw + wid, self.world * nw
+        return [s for i, s in enumerate(self.shards) if i % slots == slot]
+
+    def _target(self, key: str, fields: dict[str, bytes]) -> Any:
+        raise NotImplementedError
+
+    def __iter__(self):
+        for shard in self._my_shards():
+            for key, fields in _samples(shard):
+                target = self._target(f"{shard}:{key}", fields)
+                data = next((fields[e] for e in _SHARD_IMAGE_KEYS if e in fields), b"")
+                img = decode_image(data)
+                yield (None if img is None else self.transform(img)), target, f"{shard}:{key}"
+
+
+class LabelledShards(_ShardStream):
+    """WebDataset shards with an image and a ``cls`` label per sample."""
+
+    def _target(self, key: str, fields: dict[str, bytes]) -> int:
+        if "cls" not in fields:
+            raise ValueError(f"sample {key} has no 'cls' label (fields: {sorted(fields)})")
+        try:
+            return int(fields["cls"].decode().strip())
+        except ValueError:
+            bad = fields["cls"][:20]
+            raise ValueError(f"sample {key}: 'cls' is not an integer: {bad!r}") from None
+
+
+class CaptionShards(_ShardStream):
+    """WebDataset shards with an image and ``txt`` captions (one per line)."""
+
+    def _target(self, key: str, fields: dict[str, bytes]) -> list[str]:
+        if "txt" not in fields:
+            raise ValueError(f"sample {key} has no 'txt' captions (fields: {sorted(fields)})")
+        caps = [c for c in fields["txt"].decode("utf-8").splitlines() if c.strip()]
+        if not caps:
+            raise ValueError(f"sample {key}: 'txt' holds no caption")
+        return caps
+
+
+def collate(items: list[tuple[Any, Any, str]]) -> dict[str, Any]:
+    """Stack readable samples; count (and name) the unreadable ones.
+
+    Returns:
+        ``{"image" (B,3,H,W), "cls" (B,) or "captions" list[list[str]], "skipped",
+        "skipped_keys"}``.
+    """
+    good = [it for it in items if it[0] is not None]
+    bad = [it[2] for it in items if it[0] is None]
+    out: dict[str, Any] = {"skipped": len(bad), "skipped_keys": bad}
+    out["image"] = torch.stack([it[0] for it in good]) if good else torch.empty(0, 3, 1, 1)
+    if items and isinstance(items[0][1], list):
+        out["captions"] = [it[1] for it in good]
+    else:
+        out["cls"] = torch.tensor([int(it[1]) for it in good], dtype=torch.long)
+    return out
