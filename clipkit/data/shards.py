@@ -9,6 +9,7 @@ same number of times (drop_last). In resampled mode each reader draws shards wit
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,23 @@ class Plan:
 def is_url(path: str) -> bool:
     """True for ``pipe:``, ``http(s)://``, ``s3://``... (anything but a local path)."""
     return bool(_URL.match(path)) and not re.match(r"^[a-zA-Z]:[\\/]", path)
+
+
+def tar_end_ok(path: str) -> bool:
+    """True when a local tar ends with its end-of-archive marker (two zero blocks).
+
+    Python's streaming tar reader takes a file cut at a header boundary for a clean end, so a
+    truncated shard would otherwise lose its tail silently.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size < 1024 or size % 512:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - 1024)
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return False
 
 
 def _read_sizes(urls: list[str]) -> list[int] | None:

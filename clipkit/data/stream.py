@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipkit.data.decode import DecodeError, eval_crop, train_crop
-from clipkit.data.shards import Plan
+from clipkit.data.shards import Plan, is_url, tar_end_ok
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class _Reader:
     def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
         self._shard_errors = set()
         yield from wds.tarfile_samples([{"url": url}], handler=self._handler)
+        if not is_url(url) and not tar_end_ok(url):
+            self._handler(tarfile.ReadError(f"{url}: no end-of-archive marker (truncated)"))
 
     def _resampled(self) -> Iterator[dict[str, Any]]:
         s, urls = self.s, self.s.plan.urls[self.r]

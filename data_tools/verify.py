@@ -1,0 +1,233 @@
+"""Check a folder of WebDataset shards; exit 1 when anything is wrong.
+
+    python -m data_tools.verify SHARD_DIR [--grid out.png] [--grid-n 24] [--workers N]
+
+Per shard: samples, images that do not decode, samples without an image or a caption, key
+collisions (within and across shards), unreadable/truncated tars, and disagreement with
+``sizes.json``. Prints a small table; ``--grid`` writes a contact sheet of sample images with
+their captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import textwrap
+from collections import Counter
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset.tariterators import base_plus_ext
+
+from clipkit.data.shards import tar_end_ok
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("txt", "text", "caption")
+
+
+def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
+    """Read one shard fully; decode every image.
+
+    Args:
+        path: the ``.tar`` file.
+        grid_n: keep this many (image bytes, caption) pairs for a contact sheet.
+
+    Returns:
+        ``{"shard", "samples", "keys", "undecodable", "no_image", "no_caption", "duplicates",
+        "error", "examples"}``.
+    """
+    res: dict[str, Any] = {
+        "shard": Path(path).name,
+        "samples": 0,
+        "undecodable": 0,
+        "no_image": 0,
+        "no_caption": 0,
+        "duplicates": 0,
+        "error": "",
+        "keys": [],
+        "examples": [],
+        "problems": [],
+    }
+    samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for m in tf:
+                if not m.isreg():
+                    continue
+                key, ext = base_plus_ext(m.name)  # webdataset's own key rule
+                if key is None:
+                    continue
+                ext = ext.lower()
+                data = tf.extractfile(m).read()
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                elif ext in samples[key]:
+                    res["duplicates"] += 1
+                    res["problems"].append(f"duplicate member {m.name}")
+                samples[key][ext] = data
+    except (tarfile.TarError, OSError, EOFError) as err:
+        res["error"] = f"{type(err).__name__}: {err}"
+    if not res["error"] and not tar_end_ok(path):
+        res["error"] = "truncated: no end-of-archive marker"
+    for key in order:
+        fields = samples[key]
+        res["samples"] += 1
+        img = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
+        cap = next((fields[k] for k in CAPTION_KEYS if k in fields), None)
+        if img is None:
+            res["no_image"] += 1
+            res["problems"].append(f"{key}: no image")
+        else:
+            try:
+                im = Image.open(io.BytesIO(img))
+                im.load()
+            except Exception as err:  # PIL raises many exception types on bad bytes
+                res["undecodable"] += 1
+                res["problems"].append(f"{key}: undecodable image ({type(err).__name__})")
+                img = None
+        if cap is None or not cap.strip():
+            res["no_caption"] += 1
+            res["problems"].append(f"{key}: no caption")
+        if img is not None and len(res["examples"]) < grid_n:
+            res["examples"].append((img, (cap or b"").decode("utf-8", "replace")))
+    res["keys"] = order
+    return res
+
+
+def contact_sheet(examples: list[tuple[bytes, str]], out: Path, tile: int = 160) -> None:
+    """Write a grid of thumbnails with their (first) captions under each."""
+    from PIL import ImageDraw
+
+    from clipkit.data.decode import open_pil
+
+    cols = min(6, max(1, len(examples)))
+    rows = -(-len(examples) // cols)
+    text_h = 44
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (data, caption) in enumerate(examples):
+        img = open_pil(data)
+        img.thumbnail((tile - 4, tile - 4))
+        x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
+        sheet.paste(img, (x + (tile - img.width) // 2, y + (tile - img.height) // 2))
+        lines = textwrap.wrap(caption.split("\n")[0], 26)[:3]
+        draw.multiline_text((x + 3, y + tile), "\n".join(lines), fill="black", spacing=1)
+    sheet.save(out)
+
+
+def verify(shard_dir: Path, workers: int = 0, grid_n: int = 0) -> tuple[list[dict], list[str]]:
+    """Check every ``*.tar`` in ``shard_dir``.
+
+    Returns:
+        ``(per-shard results, dataset-level problems)``.
+
+    Raises:
+        ValueError: ``shard_dir`` is not a folder of shards.
+    """
+    if not shard_dir.is_dir():
+        raise ValueError(f"not a directory: {shard_dir}")
+    shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    if not shards:
+        raise ValueError(f"no .tar shards in {shard_dir}")
+    per_grid = -(-grid_n // len(shards)) if grid_n else 0
+    workers = min(workers or os.cpu_count() or 1, len(shards))
+    bar = tqdm(total=len(shards), unit="shard", desc="verify", disable=len(shards) < 4)
+    results = []
+    if workers == 1:
+        for s in shards:
+            results.append(check_shard(s, per_grid))
+            bar.update()
+    else:
+        with get_context("fork").Pool(workers) as pool:
+            for r in pool.imap(partial(check_shard, grid_n=per_grid), shards):
+                results.append(r)
+                bar.update()
+    bar.close()
+    problems = []
+    counts = Counter(k for r in results for k in r["keys"])
+    collisions = [k for k, c in counts.items() if c > 1]
+    if collisions:
+        problems.append(f"{len(collisions)} keys appear in several shards, e.g. {collisions[:3]}")
+    sizes_file = shard_dir / "sizes.json"
+    if sizes_file.is_file():
+        try:
+            sizes = json.loads(sizes_file.read_text())
+        except ValueError as err:
+            sizes = {}
+            problems.append(f"sizes.json: not valid JSON ({err})")
+        for r in results:
+            if r["shard"] in sizes and int(sizes[r["shard"]]) != r["samples"]:
+                problems.append(
+                    f"sizes.json says {sizes[r['shard']]} samples in {r['shard']}, found "
+                    f"{r['samples']}"
+                )
+            elif r["shard"] not in sizes:
+                problems.append(f"sizes.json has no entry for {r['shard']}")
+    else:
+        problems.append("no sizes.json (the train loader needs it or data.num_samples)")
+    return results, problems
+
+
+def _table(results: list[dict]) -> str:
+    cols = ["shard", "samples", "undecodable", "no_image", "no_caption", "duplicates"]
+    rows = [[str(r[c]) for c in cols] + [r["error"][:40]] for r in results]
+    tot = ["TOTAL"] + [str(sum(r[c] for r in results)) for c in cols[1:]]
+    tot.append(f"{sum(bool(r['error']) for r in results)} unreadable")
+    head = [*cols, "error"]
+    show = rows if len(rows) <= 20 else rows[:10] + [["..."] * len(head)] + rows[-5:]
+    widths = [max(len(x[i]) for x in [head, tot, *show]) for i in range(len(head))]
+
+    def fmt(r):
+        return "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+
+    return "\n".join([fmt(head), *map(fmt, show), fmt(tot)])
+
+
+def main(argv: list[str] | None = None, fail: bool = True) -> int:
+    """CLI entry point: 0 when clean, 1 when a problem was found, 2 on bad arguments."""
+    p = argparse.ArgumentParser(
+        prog="python -m data_tools.verify", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("shard_dir", type=Path)
+    p.add_argument("--grid", type=Path, default=None, help="write a contact sheet PNG here")
+    p.add_argument("--grid-n", type=int, default=24)
+    p.add_argument("--workers", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        results, problems = verify(args.shard_dir, args.workers, args.grid_n if args.grid else 0)
+    except ValueError as err:
+        print(f"verify: error: {err}", file=sys.stderr)
+        return 2
+    print(_table(results))
+    for r in results:
+        for msg in r["problems"][:5]:
+            problems.append(f"{r['shard']}: {msg}")
+        if r["error"]:
+            problems.append(f"{r['shard']}: unreadable ({r['error']})")
+    if args.grid:
+        ex = [e for r in results for e in r["examples"]][: args.grid_n]
+        contact_sheet(ex, args.grid)
+        print(f"contact sheet of {len(ex)} samples -> {args.grid}")
+    bad = any(
+        r[c]
+        for r in results
+        for c in ("undecodable", "no_image", "no_caption", "duplicates", "error")
+    ) or bool(problems)
+    for msg in problems[:30]:
+        print(f"PROBLEM: {msg}")
+    print("FAIL" if bad else "OK")
+    return 1 if (bad and fail) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
