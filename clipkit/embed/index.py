@@ -116,7 +116,8 @@ class Index:
             t = _as_matrix(train_vectors, dim, "training vectors")
             n = max(n_expected, len(t))
             nlist = int(max(1, min(4 * math.sqrt(n), len(t) // 39)))
-            m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
+            # Sub-vectors of >= 8 dims: 64 bytes per 512-d vector (32x smaller than float32).
+            m = next((m for m in (64, 32, 16, 8, 4, 2) if dim % m == 0 and dim // m >= 8), 1)
             quantizer = faiss.IndexFlatIP(dim)
             fi = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, ip)
             fi.train(t)
