@@ -1,0 +1,186 @@
+"""The SimCSE task: sentence rows -> SentenceEncoder -> one-directional InfoNCE, T = 0.05.
+
+Unsupervised SimCSE (Gao, Yao, Chen 2021) encodes each sentence twice in one forward, so the
+two views differ by their dropout masks; supervised SimCSE uses NLI (premise, entailment) pairs
+with the contradiction as a hard negative. Both are :func:`clipkit.losses.info_nce` with the
+loss module's fixed temperature (``loss.learnable_temperature=false``, ``loss.symmetric=false``).
+
+Evaluation is STS Spearman x 100 on ``eval.sts`` (STS-B dev in the shipped configs); each time
+it improves, ``<output_dir>/best`` receives the model (sentence-transformers format), and
+``<output_dir>/sts_dev.png`` plots the score over steps (history in ``sts_eval.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipkit.config.schema import Config
+from clipkit.models.sentence_encoder import SentenceEncoder
+
+
+def _unwrap(model: nn.Module) -> SentenceEncoder:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+def distributed_encode(
+    model: SentenceEncoder, sentences: list[str], accelerator: Any, batch_size: int
+) -> torch.Tensor:
+    """Encode ``sentences`` split over the ranks; every rank gets all ``(N, D)`` embeddings."""
+    w, r = accelerator.num_processes, accelerator.process_index
+    if w == 1:
+        return model.encode(sentences, batch_size=batch_size)
+    chunk = math.ceil(len(sentences) / w)
+    local = model.encode(sentences[r * chunk : (r + 1) * chunk], batch_size=batch_size)
+    padded = torch.zeros(chunk, model.embed_dim)
+    padded[: local.shape[0]] = local  # (chunk, D): equal shapes for the gather
+    gathered = accelerator.gather(padded.to(accelerator.device))  # (w * chunk, D)
+    return gathered[: len(sentences)].cpu()
+
+
+def plot_history(history: list[dict[str, float]], key: str, path: Path) -> None:
+    """Write a PNG of ``key`` over ``step`` (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["step"] for h in history], [h[key] for h in history], marker="o")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"{key} (Spearman x 100)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class SimCSETask:
+    """Unsupervised (``.txt``) or supervised (``.csv``) SimCSE; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._data: Any = None
+        self._sets: list[Any] | None = None
+
+    # --------------------------------------------------------------- model and data
+    def build_model(self, cfg: Config) -> nn.Module:
+        """Encoder ``model.hf_text_model`` ("" = packaged MiniLM) with ``model.pooling``."""
+        if cfg.model.max_length < 2:
+            raise ValueError(f"model.max_length must be >= 2, got {cfg.model.max_length}")
+        if cfg.model.mlp_train_only and cfg.model.pooling != "cls_mlp":
+            raise ValueError(
+                f"model.mlp_train_only=true needs model.pooling=cls_mlp, got '{cfg.model.pooling}'"
+            )
+        return SentenceEncoder.from_pretrained(
+            cfg.model.hf_text_model,
+            pooling=cfg.model.pooling,
+            mlp_train_only=cfg.model.mlp_train_only,
+        )
+
+    def build_train_data(self, cfg: Config, model: nn.Module, rank: int, world_size: int) -> Any:
+        """Batches of ``data.train`` (optionally with mined hard negatives), sharded by rank."""
+        from clipkit.data.sentences import SentenceBatches, mine_hard_negatives, read_sentences
+
+        if not cfg.data.train:
+            raise ValueError("data.train is empty: give a .txt (unsupervised) or .csv (supervised)")
+        m = _unwrap(model)
+        rows = read_sentences(cfg.data.train)
+        stats: dict[str, int] = {}
+        if cfg.data.mine_negatives > 0:
+            # Every rank mines the same negatives (same weights, deterministic): no exchange.
+            rows, stats = mine_hard_negatives(
+                rows,
+                lambda s: m.encode(s, batch_size=cfg.eval.batch_size, progress=rank == 0),
+                cfg.data.mine_negatives,
+                cfg.data.mine_max_sim,
+                seed=cfg.train.seed,
+            )
+        data = SentenceBatches(
+            rows,
+            lambda texts: m.tokenize(texts, max_length=cfg.model.max_length),
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        data.stats.update(stats)
+        self._data = data
+        return data
+
+    def embed(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One forward over all columns; split into anchors, positives and hard negatives."""
+        n = len(batch["key"])
+        z = model(batch["input_ids"], batch["attention_mask"])  # (c*n, D), normalised
+        hard = z[2 * n :] if z.shape[0] > 2 * n else None  # (h*n, D)
+        return z[:n], z[n : 2 * n], hard
+
+    def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
+        """None: the loss module's fixed temperature (``loss.temperature``) is used."""
+        return None
+
+    # --------------------------------------------------------------- evaluation
+    def _step(self, cfg: Config) -> int:
+        """The optimiser step reached, from the data position (survives resume)."""
+        d = self._data
+        if d is None:
+            return 0
+        per_epoch = d.num_batches // cfg.train.accum_steps
+        return d.epoch * per_epoch + d.position // cfg.train.accum_steps
+
+    def evaluate(self, cfg: Config, model: nn.Module, accelerator: Any) -> dict[str, float]:
+        """STS Spearman x 100 on ``eval.sts``; keeps ``<output_dir>/best`` and the plot."""
+        from clipkit.eval.sts import load_sts, sts_scores
+
+        if not cfg.eval.sts:
+            return {}
+        if self._sets is None:
+            self._sets = load_sts(cfg.eval.sts)
+        m = _unwrap(model)
+        res = sts_scores(
+            lambda s: distributed_encode(m, s, accelerator, cfg.eval.batch_size), self._sets
+        )
+        metrics = {f"sts/{k}/spearman": float(v) for k, v in res["spearman"].items()}
+        if len(self._sets) > 1:
+            metrics.update({f"sts/{k}": float(res[k]) for k in ("all", "mean", "wmean")})
+        # Model selection as SimCSE: one set -> its score; several -> their mean.
+        main_value = float(
+            next(iter(res["spearman"].values())) if len(self._sets) == 1 else res["mean"]
+        )
+        metrics["sts/main"] = main_value
+        if accelerator.is_main_process:
+            self._record(cfg, m, main_value, metrics)
+        return metrics
+
+    def _record(self, cfg: Config, m: SentenceEncoder, value: float, metrics: dict) -> None:
+        run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        step = self._step(cfg)
+        log = run_dir / "sts_eval.jsonl"
+        with log.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        by_step: dict[int, dict] = {}
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["step"] <= step:  # entries past a resumed step are stale
+                by_step[rec["step"]] = rec
+        history = [by_step[s] for s in sorted(by_step)]
+        plot_history(history, "sts/main", run_dir / "sts_dev.png")
+        best_file = run_dir / "best" / "best.json"
+        best = json.loads(best_file.read_text())["value"] if best_file.is_file() else -math.inf
+        if value > best:
+            m.save_sentence_transformers(run_dir / "best")
+            best_file.write_text(json.dumps({"step": step, "value": value, **metrics}, indent=1))
+
+    def export(self, cfg: Config, model: nn.Module, out_dir: str) -> None:
+        """Write the final model as a sentence-transformers folder (``best/`` has the best)."""
+        _unwrap(model).save_sentence_transformers(out_dir)
+
+
+__all__ = ["SimCSETask", "distributed_encode", "plot_history"]
