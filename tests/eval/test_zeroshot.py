@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -108,63 +105,3 @@ def test_bad_inputs(keyed_model) -> None:
         zero_shot(keyed_model, [], CLASSES, TEMPLATES)
     with pytest.raises(ValueError, match="no '\\{\\}' placeholder"):
         zero_shot(keyed_model, [(img, torch.tensor([0, 1]))], CLASSES, ["a photo"])
-
-
-# -- distributed: 2 gloo processes, uneven slices, same metrics on every rank ---------------
-
-
-def _worker(rank: int, world: int, port: int, labels: np.ndarray, q) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-    )  # fmt: skip
-    from accelerate import Accelerator
-
-    torch.set_num_threads(1)
-    acc = Accelerator(cpu=True)
-    model = KeyedTextModel()
-    images = _images_for(model, labels, noise=0.35, seed=1)
-    # Uneven split by rank: rank 0 gets 3 batches of 7, rank 1 the rest in batches of 5.
-    mine = np.arange(len(labels))[:21] if rank == 0 else np.arange(len(labels))[21:]
-    step = 7 if rank == 0 else 5
-    batches = [
-        (images[mine[i : i + step]], torch.as_tensor(labels[mine[i : i + step]]))
-        for i in range(0, len(mine), step)
-    ]
-    split = zero_shot(model, batches, CLASSES, TEMPLATES, accelerator=acc)
-    # A loader prepared by Accelerate pads the last batch; gather_for_metrics drops the copies.
-    ds = torch.utils.data.TensorDataset(images, torch.as_tensor(labels))
-    loader = acc.prepare(torch.utils.data.DataLoader(ds, batch_size=4))
-    prepared = zero_shot(model, loader, CLASSES, TEMPLATES, accelerator=acc)
-    q.put((rank, split, prepared))
-    acc.wait_for_everyone()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_gather_every_rank_slice(keyed_model) -> None:
-    import torch.multiprocessing as mp
-
-    labels = np.random.default_rng(0).integers(0, len(CLASSES), size=47)
-    single = zero_shot(
-        keyed_model, [(_images_for(keyed_model, labels, 0.35, 1), torch.as_tensor(labels))],
-        CLASSES, TEMPLATES,
-    )  # fmt: skip
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, labels, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for _, split, prepared in results:
-        assert split == pytest.approx(single, abs=1e-12)
-        assert prepared == pytest.approx(single, abs=1e-12)
-    assert single["n"] == 47
