@@ -1,0 +1,217 @@
+"""Embed a whole data set into partitioned float16 ``.npy`` + ``.parquet`` metadata.
+
+Layout (as clip-retrieval writes it)::
+
+    out/embeddings.json                 model, modality, partition size, input, per-partition counts
+    out/img_emb/img_emb_{p}.npy         (n_p, D) float16, L2-normalised
+    out/text_emb/text_emb_{p}.npy       (n_p, D) float16
+    out/metadata/metadata_{p}.parquet   id, key, path, url, caption, json fields; row i <-> vector i
+
+Partition ``p`` holds records ``p * partition_size ...``; a partition is finished when its parquet
+file exists (written last), so a rerun skips finished partitions. Unreadable images are skipped
+and counted (their ids are simply absent).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipkit.embed.embedder import Embedder, load_image
+from clipkit.embed.sources import Record, detect_kind, iter_records
+
+MODALITIES = ("auto", "image", "text", "both")
+MANIFEST = "embeddings.json"
+
+
+def _paths(out: Path, p: int) -> dict[str, Path]:
+    return {
+        "image": out / "img_emb" / f"img_emb_{p}.npy",
+        "text": out / "text_emb" / f"text_emb_{p}.npy",
+        "meta": out / "metadata" / f"metadata_{p}.parquet",
+    }
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, x)
+    tmp.replace(path)
+
+
+def _metadata_frame(recs: list[Record]) -> Any:
+    import pandas as pd
+
+    rows = []
+    for r in recs:
+        row = {"id": r.id, "key": r.key, "path": r.path, "url": r.url, "caption": r.caption}
+        row.update({k: v for k, v in r.meta.items() if k not in row})
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else ["id", "key", "path", "url", "caption"])
+    df["id"] = df["id"].astype("int64")
+    return df
+
+
+def _embed_partition(
+    emb: Embedder, recs: list[Record], modalities: list[str], batch_size: int
+) -> tuple[list[Record], dict[str, np.ndarray], int]:
+    """Embed one partition; returns kept records, arrays per modality and the number skipped."""
+    out: dict[str, np.ndarray] = {}
+    skipped = 0
+    if "image" in modalities:
+        kept, chunks = [], []
+        for s in range(0, len(recs), 256):  # decode a chunk, drop unreadable images, embed
+            imgs, ok = [], []
+            for r in recs[s : s + 256]:
+                try:
+                    if r.image is None:
+                        raise ValueError("no image")
+                    imgs.append(load_image(r.image, emb.max_pixels, f"record {r.id}"))
+                    ok.append(r)
+                except ValueError:
+                    skipped += 1
+            if imgs:
+                chunks.append(emb.encode_image(imgs, batch_size=batch_size, progress=False))
+            kept += ok
+        recs = kept
+        out["image"] = np.concatenate(chunks) if chunks else np.zeros((0, emb.dim), np.float32)
+    if "text" in modalities:
+        texts = [r.caption or "" for r in recs]
+        out["text"] = emb.encode_text(texts, batch_size=max(batch_size, 256), progress=False)
+    return recs, {k: v.astype(np.float16) for k, v in out.items()}, skipped
+
+
+def embed_dataset(
+    embedder: Embedder,
+    input_spec: str,
+    out_dir: str | Path,
+    kind: str = "auto",
+    modality: str = "auto",
+    partition_size: int = 10_000,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every record of ``input_spec`` into ``out_dir`` (resumable).
+
+    Args:
+        embedder: the model.
+        input_spec: shard spec / image folder / caption file (see :mod:`clipkit.embed.sources`).
+        out_dir: output folder (layout in the module docstring).
+        kind: ``auto``/``shards``/``folder``/``captions``.
+        modality: ``image``, ``text``, ``both`` or ``auto`` (both for shards and captioned
+            image lists, image for folders, text for caption-only files).
+        partition_size: records per partition.
+        batch_size: images per forward pass.
+        progress: show a progress bar over records.
+
+    Returns:
+        The manifest dict (also written to ``out_dir/embeddings.json``).
+
+    Raises:
+        ValueError: bad arguments, unreadable input, or an output folder made by another model
+            or with other settings.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
+    if partition_size < 1:
+        raise ValueError(f"partition_size must be >= 1, got {partition_size}")
+    kind = detect_kind(input_spec) if kind == "auto" else kind
+    records = iter_records(input_spec, kind)
+    first = next(records, None)
+    if first is None:
+        raise ValueError(f"input '{input_spec}': no records")
+    if modality == "auto":
+        modality = "image" if kind == "folder" else "text" if first.image is None else "both"
+    if modality in ("image", "both") and first.image is None:
+        raise ValueError(f"input '{input_spec}' has no images; use modality text")
+    mods = ["image", "text"] if modality == "both" else [modality]
+    out = Path(out_dir).expanduser()
+    manifest: dict[str, Any] = {
+        "model": embedder.info(),
+        "modality": modality,
+        "partition_size": partition_size,
+        "input": str(input_spec),
+        "kind": kind,
+        "partitions": {},
+    }
+    mpath = out / MANIFEST
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        for key in ("modality", "partition_size", "input"):
+            if old.get(key) != manifest[key]:
+                raise ValueError(
+                    f"{mpath}: {key} is {old.get(key)!r}, not {manifest[key]!r}; use a new output"
+                )
+        if old["model"]["model_id"] != embedder.model_id:
+            raise ValueError(
+                f"{mpath}: made by model {old['model']['model_id']}, not {embedder.model_id}; "
+                "use a new output folder"
+            )
+        manifest["partitions"] = old.get("partitions", {})
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    stream = itertools.chain([first], records)
+    bar = tqdm(desc="embed", unit="rec", disable=not progress)
+    for p in itertools.count():
+        chunk = list(itertools.islice(stream, partition_size))
+        if not chunk:
+            break
+        paths = _paths(out, p)
+        if paths["meta"].is_file() and all(paths[m].is_file() for m in mods):
+            bar.update(len(chunk))  # finished in an earlier run
+            continue
+        kept, arrays, skipped = _embed_partition(embedder, chunk, mods, batch_size)
+        for m in mods:
+            _save_npy(paths[m], arrays[m])
+        df = _metadata_frame(kept)
+        tmp = paths["meta"].with_suffix(".tmp.parquet")
+        paths["meta"].parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(tmp, index=False)
+        tmp.replace(paths["meta"])
+        manifest["partitions"][str(p)] = {
+            "records": len(chunk),
+            "kept": len(kept),
+            "skipped": skipped,
+        }
+        mpath.write_text(json.dumps(manifest, indent=2))
+        bar.update(len(chunk))
+    bar.close()
+    mpath.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_embeddings(emb_dir: str | Path, modality: str = "image") -> tuple[np.ndarray, Any, dict]:
+    """Read all partitions of ``emb_dir`` back.
+
+    Returns:
+        ``(vectors (N, D) float16, metadata DataFrame with N rows, manifest)``.
+
+    Raises:
+        ValueError: not an embeddings folder, or it has no ``modality`` vectors.
+    """
+    import pandas as pd
+
+    d = Path(emb_dir).expanduser()
+    if not (d / MANIFEST).is_file():
+        raise ValueError(f"not an embeddings folder (no {MANIFEST}): {d}")
+    manifest = json.loads((d / MANIFEST).read_text())
+    parts = sorted(int(p) for p in manifest.get("partitions", {}))
+    key = {"image": "image", "text": "text"}.get(modality)
+    if key is None:
+        raise ValueError(f"modality must be image or text, got '{modality}'")
+    vecs, metas = [], []
+    for p in parts:
+        paths = _paths(d, p)
+        if not paths[key].is_file():
+            raise ValueError(f"{d}: no {modality} embeddings ({paths[key].name} missing)")
+        vecs.append(np.load(paths[key]))
+        metas.append(pd.read_parquet(paths["meta"]))
+    dim = manifest["model"]["dim"]
+    x = np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float16)
+    meta = pd.concat(metas, ignore_index=True) if metas else pd.DataFrame({"id": []})
+    return x, meta, manifest
