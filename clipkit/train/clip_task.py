@@ -61,8 +61,16 @@ class ClipTask:
         )
 
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        image = batch["image"]  # (B, 3, S, S) uint8 from the loader: normalise on the device
+        if image.dtype == torch.uint8:
+            from clipkit.data import normalize
+
+            pp = _unwrap(model).clip.visual.preprocess_cfg
+            mean = torch.tensor(pp["mean"], device=image.device)
+            std = torch.tensor(pp["std"], device=image.device)
+            image = normalize(image, mean, std)
         # Through the (possibly DDP-wrapped) forward so the scale's gradient is all-reduced too.
-        out = model(image=batch["image"], text=batch["text"])
+        out = model(image=image, text=batch["text"])
         return {
             "q": out["image"],  # (B, D)
             "k": out["text"],  # (B, D)

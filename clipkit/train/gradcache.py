@@ -91,9 +91,11 @@ def gradcache_step(
                 g = gmap[n]
                 piece[n] = None if g is None else g[offsets[n] : offsets[n] + size]
                 offsets[n] += size
-            # The scale/bias are shared by all micro-batches: push their gradient once.
+            # The scale/bias are shared by all micro-batches: push their gradient once, and a
+            # zero elsewhere so every replay uses every parameter (DDP insists on that when a
+            # wrapper syncs each backward, e.g. a 1-process DDP).
             for n in ("logit_scale", "logit_bias"):
-                if n in gmap and i == last:
-                    piece[n] = gmap[n]
+                if gmap.get(n) is not None:
+                    piece[n] = gmap[n] if i == last else torch.zeros_like(gmap[n])
             backward(_surrogate(out, piece))
     return loss.detach()
