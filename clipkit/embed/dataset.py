@@ -163,6 +163,15 @@ def embed_dataset(
             break
         paths = _paths(out, p)
         if paths["meta"].is_file() and all(paths[m].is_file() for m in mods):
+            if str(p) not in manifest["partitions"]:  # finished, but the manifest missed it
+                import pyarrow.parquet as pq
+
+                kept = pq.ParquetFile(paths["meta"]).metadata.num_rows
+                manifest["partitions"][str(p)] = {
+                    "records": len(chunk),
+                    "kept": kept,
+                    "skipped": len(chunk) - kept,
+                }
             bar.update(len(chunk))  # finished in an earlier run
             continue
         kept, arrays, skipped = _embed_partition(embedder, chunk, mods, batch_size)
