@@ -70,7 +70,8 @@ def read_sentences(path: str | Path) -> SentenceRows:
             raise ValueError(f"{p}: no data rows")
         negatives = [[r[2] for r in rows]] if len(header) == 3 else []
         return SentenceRows([r[0] for r in rows], [r[1] for r in rows], negatives)
-    lines = [x.strip() for x in p.read_text(encoding="utf-8").splitlines()]
+    # Split on "\n" only: str.splitlines() would also break at U+2028 and friends inside a line.
+    lines = [x.strip() for x in p.read_text(encoding="utf-8").split("\n")]
     anchors = [x for x in lines if x]
     if not anchors:
         raise ValueError(f"{p}: no sentences (expected one per line)")
@@ -111,7 +112,7 @@ def mine_hard_negatives(
     if not -1.0 < max_sim <= 1.0:
         raise ValueError(f"data.mine_max_sim must be in (-1, 1], got {max_sim}")
     pool = list(dict.fromkeys((rows.positives or rows.anchors) + sum(rows.negatives, [])))
-    if len(pool) < k + 2:
+    if len(pool) <= k:
         raise ValueError(f"cannot mine {k} negatives from a pool of {len(pool)} sentences")
     where = {s: i for i, s in enumerate(pool)}
     pool_emb = torch.nn.functional.normalize(encode(pool).float(), dim=-1)  # (P, D)

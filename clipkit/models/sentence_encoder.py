@@ -159,6 +159,8 @@ class SentenceEncoder(nn.Module):
         from transformers.utils import logging as hf_logging
 
         path = resolve_model_path(name)
+        if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise ValueError(f"model path not found: {path}")
         st = _read_st_folder(Path(path)) if Path(path).is_dir() else None
         root = str(st["root"]) if st else path
         # No pooler: it is unused here (and unused parameters would trip DDP); silence the
