@@ -72,6 +72,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, _, value = item.partition("=")
+        if value == "":
+            value = "''"  # `key=` means the empty string (e.g. data.builtin=), not null
         try:
             dotlist = OmegaConf.from_dotlist([f"{key}={value}"])
         except OmegaConfBaseException as err:

@@ -49,7 +49,12 @@ def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig) -> torch.opt
     groups = param_groups(modules, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters (are both towers locked?)")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    try:
+        # The fused kernel is several times faster than the per-tensor loop on CPU and GPU.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

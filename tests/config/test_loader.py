@@ -74,3 +74,8 @@ def test_split_cli_and_yaml_roundtrip(tmp_path: Path):
     f = tmp_path / "r.yaml"
     f.write_text(to_yaml(cfg))
     assert load_config(f) == cfg
+
+
+def test_empty_override_is_empty_string():
+    cfg = load_config(None, ["data.builtin=", "model.pretrained="])
+    assert cfg.data.builtin == "" and cfg.model.pretrained == ""

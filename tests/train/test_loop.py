@@ -1,0 +1,140 @@
+"""End-to-end runs of the training loop on the embedded digits (CPU, tiny, fast)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from clipkit.train.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _common(tmp_path: Path, cache: Path, out: str) -> list[str]:
+    return [
+        f"data.cache_dir={cache}",
+        f"train.output_dir={tmp_path / out}",
+        "train.batch_size=64",
+        "train.log_every=1",
+        "train.trackers=[]",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+        "train.torch_threads=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["train/loss"] for x in lines if "train/loss" in x]
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_outputs(tmp_path, cache, capsys):
+    rc = main(_common(tmp_path, cache, "run") + ["train.max_steps=40"])
+    assert rc == 0
+    run = tmp_path / "run"
+    losses = _losses(run)
+    assert len(losses) == 40
+    # ln(64) = 4.16 at chance; the mean of the last 5 steps must be well below the first 5.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 40
+    assert 0.0 <= metrics["eval/zeroshot/digits/acc1"] <= 1.0
+    assert metrics["eval/zeroshot/digits/n"] == 360
+    assert (run / "export" / "open_clip_config.json").is_file()
+    assert (run / "checkpoints" / "step_0000040" / "trainer_state.json").is_file()
+    out = capsys.readouterr().out
+    assert "outputs:" in out and str(run) in out
+
+
+def _keys(run: Path) -> dict[int, list[str]]:
+    by_step: dict[int, list[str]] = {}
+    for line in (run / "keys.rank0.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        by_step[rec["step"]] = rec["keys"]  # a resumed run rewrites steps after its checkpoint
+    return by_step
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_exact(tmp_path, cache):
+    args = [
+        "train.max_steps=12",
+        "train.checkpoint_every=3",
+        "train.record_keys=true",
+        "train.keep_last=5",
+    ]
+    # Reference: one uninterrupted run (data order crosses an epoch boundary at step 22/64...).
+    assert main(_common(tmp_path, cache, "ref") + args) == 0
+
+    # Interrupted run: SIGKILL once a mid-run checkpoint exists and later steps have run.
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        *_common(tmp_path, cache, "killed"),
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            ck = run / "checkpoints" / "step_0000006" / "trainer_state.json"
+            keys = run / "keys.rank0.jsonl"
+            if ck.is_file() and keys.is_file() and len(keys.read_text().splitlines()) >= 7:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint at step 6 within 300 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run / "export").exists()  # really interrupted before the end
+
+    assert main(_common(tmp_path, cache, "killed") + args + ["train.resume=latest"]) == 0
+    assert _keys(run) == _keys(tmp_path / "ref")
+    a = load_file(str(tmp_path / "ref" / "export" / "open_clip_model.safetensors"))
+    b = load_file(str(run / "export" / "open_clip_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.name=NoSuchNet", "NoSuchNet"),
+        ("train.batch_size=4096", "too few for one batch"),
+        ("data.train=/nonexistent/{00000..00003}.tar", "/nonexistent"),
+        ("train.precision=fp8", "fp8"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_line(tmp_path, cache, capsys, override, needle):
+    argv = _common(tmp_path, cache, "bad") + [override]
+    if override.startswith("data.train"):
+        argv.append("data.builtin=")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path, cache, capsys):
+    ck = tmp_path / "bad" / "checkpoints" / "step_0000002"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{not json")
+    assert main(_common(tmp_path, cache, "bad") + ["train.resume=latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "corrupt checkpoint" in err and len(err.splitlines()) == 1
