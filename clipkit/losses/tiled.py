@@ -53,7 +53,8 @@ class TiledLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, offset: int, n_cols: int, chunk: int):
         acc = acc_dtype(a, b)
-        a_, b_, s = a.to(acc), b.to(acc), scale.detach().to(acc)
+        # s * a once (O(N D)) rather than scaling every tile; tiles are then the logits.
+        a_, b_ = a.to(acc) * scale.detach().to(acc), b.to(acc)  # (N, D), (M, D)
         n, m = a_.shape[0], b_.shape[0]
         row_lse = a_.new_empty(n)
         pos = a_.new_empty(n)
@@ -66,7 +67,7 @@ class TiledLogSumExp(torch.autograd.Function):
             r_sum = a_.new_zeros(i1 - i0)
             for j0 in range(0, m, chunk):
                 j1 = min(j0 + chunk, m)
-                t = torch.mm(ai, b_[j0:j1].T).mul_(s)  # (c, c') logits tile
+                t = torch.mm(ai, b_[j0:j1].T)  # (c, c') logits tile
                 d = _diag_in_tile(i0, i1, j0, j1, offset, a_.device)
                 if d is not None:
                     pos[d[2] : d[3]] = t[d[0], d[1]]
@@ -94,6 +95,7 @@ class TiledLogSumExp(torch.autograd.Function):
         offset, n_cols, chunk = ctx.offset, ctx.n_cols, ctx.chunk
         acc = row_lse.dtype
         a_, b_, s = a.to(acc), b.to(acc), scale.detach().to(acc)
+        a_s = a_ * s  # (N, D)
         n, m = a_.shape[0], b_.shape[0]
         g_row, g_col, g_pos = g_row.to(acc), g_col.to(acc), g_pos.to(acc)
         need_b = ctx.needs_input_grad[1]
@@ -108,7 +110,7 @@ class TiledLogSumExp(torch.autograd.Function):
             for j0 in range(0, m, chunk):
                 j1 = min(j0 + chunk, m)
                 bj = b_[j0:j1]
-                t = torch.mm(ai, bj.T).mul_(s)  # (c, c') recomputed tile
+                t = torch.mm(a_s[i0:i1], bj.T)  # (c, c') recomputed tile, as in forward
                 g = (t - r).exp_().mul_(gr)  # (c, c')
                 if j0 < n_cols:
                     jc = min(j1, n_cols) - j0
