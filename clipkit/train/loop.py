@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,7 @@ def train(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step")
     metrics_file = run_dir / "metrics.jsonl"
     nonfinite, history = 0, []
+    kill_at = int(os.environ.get("CLIPKIT_FAULT_KILL_AT_STEP", "0"))
     model.train()
     if ckpt is None:
         data.set_epoch(epoch)  # a resumed loader already sits at its saved epoch and position
@@ -202,6 +205,8 @@ def train(cfg: Config) -> dict[str, Any]:
             with (run_dir / f"keys.rank{accelerator.process_index}.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "keys": keys}) + "\n")
         step_time += time.perf_counter() - t1
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         bar.update(1)
 
         # Logging: a flat dict of scalars with slash names.
