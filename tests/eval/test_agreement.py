@@ -37,24 +37,42 @@ def _peer_accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> lis
     return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
 
 
-@pytest.fixture(params=["random", "export"])
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A run folder from 10 steps of clipkit's own training loop on the built-in digits."""
+    from clipkit.train.cli import main
+
+    tmp = tmp_path_factory.mktemp("trained")
+    argv = [f"data.cache_dir={tmp / 'cache'}", f"train.output_dir={tmp / 'run'}",
+            "train.max_steps=10", "train.batch_size=64", "train.trackers=[]",
+            "train.torch_threads=1", "optim.warmup_steps=2", "optim.lr=1e-3"]  # fmt: skip
+    assert main(argv) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(params=["random", "export", pytest.param("trained", marks=pytest.mark.slow)])
 def models(request, micro_model, tmp_path_factory):
-    """(clipkit model, peer open_clip model, peer tokenizer, peer transform)."""
-    if request.param == "random":  # fixed-seed random weights, one module for both tools
+    """(clipkit model, peer open_clip model, peer tokenizer, peer transform).
+
+    random: fixed-seed random weights, one module for both tools; export: the same weights
+    through clipkit's export, loaded by each tool on its own; trained: the export of a model
+    trained by clipkit (``--model RUN_DIR`` resolves to ``RUN_DIR/export``).
+    """
+    if request.param == "random":
         return micro_model, micro_model.clip, micro_model.tokenizer, micro_model.preprocess_eval
     import open_clip
 
-    from clipkit.models import load_dual_encoder
+    from clipkit.eval.cli_common import load_model
 
-    out = tmp_path_factory.mktemp("export")
-    micro_model.export(out)
+    if request.param == "export":
+        run = out = tmp_path_factory.mktemp("export")
+        micro_model.export(out)
+    else:
+        run = request.getfixturevalue("trained_run")
+        out = run / "export"
     peer, _, peer_tf = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    return (
-        load_dual_encoder(out).eval(),
-        peer.eval(),
-        open_clip.get_tokenizer(f"local-dir:{out}"),
-        peer_tf,
-    )
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    return load_model(str(run)).eval(), peer.eval(), tok, peer_tf
 
 
 def _cifar_subset(data_root: Path, transform):
