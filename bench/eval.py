@@ -9,6 +9,10 @@ Timing runs must not overlap, so launch it under the team's lock::
     flock /tmp/clipkit-bench.lock python bench/eval.py                 # micro model, 1 thread
     flock /tmp/clipkit-bench.lock python bench/eval.py --model clipkit-tiny --limit 2000
 
+Memory bound of chunked retrieval (synthetic unit vectors, no model)::
+
+    flock /tmp/clipkit-bench.lock python bench/eval.py --scale 20000,100000
+
 ``--model``: an architecture name or JSON config (fixed-seed random weights), an export folder
 or ``open_clip:ARCH``. ``--repeats R`` times each tool R times in the order A B B A ... and
 reports the best run of each.
@@ -82,6 +86,32 @@ def run_peer(model, folder: Path, idx, classnames, templates, bs: int, workers: 
     return out, time.perf_counter() - t0
 
 
+def run_scale(spec: str, dim: int) -> int:
+    """Time and peak RSS of retrieval_ranks on N images x M captions (M % N captions each)."""
+    import resource
+
+    import torch.nn.functional as F
+
+    from clipkit.eval.retrieval import rank_metrics, retrieval_ranks
+
+    n, m = (int(x) for x in spec.split(","))
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(n, dim, generator=g), dim=-1)  # (N, D)
+    t2i = torch.arange(m) % n  # (M,)
+    txt = F.normalize(img[t2i] + 6.0 * torch.randn(m, dim, generator=g) / dim**0.5, dim=-1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    t_rank, i_rank = retrieval_ranks(img, txt, t2i, progress=True)
+    sec = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    full = n * m * 4 / 2**20
+    print(f"retrieval ranks N={n} M={m} d={dim} threads={torch.get_num_threads()}: {sec:.1f} s; "
+          f"peak RSS {peak:.0f} MB (before {before:.0f} MB; one full float32 score matrix "
+          f"would be {full:.0f} MB)")  # fmt: skip
+    print({k: round(v, 4) for k, v in rank_metrics(t_rank, i_rank).items()})
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 test tar (ImageFolder)")
@@ -92,12 +122,16 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both tools)")
+    ap.add_argument("--scale", default="", help="N,M: time chunked retrieval ranks instead")
+    ap.add_argument("--dim", type=int, default=64, help="embedding size for --scale")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.scale:
+        return run_scale(args.scale, args.dim)
     if not Path(args.data).is_file():
         print(f"bench/eval.py: data not found: {args.data}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
     from clipkit.eval import load_classnames, load_templates
 
     model = _model(args.model).to(args.device)

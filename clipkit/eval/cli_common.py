@@ -27,7 +27,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "(config.yaml + model.safetensors) or open_clip:ARCH",
     )
     parser.add_argument("--pretrained", default="", help="local weights file for open_clip:ARCH")
-    parser.add_argument("--data", required=True, help="evaluation data (see the command's help)")
+    parser.add_argument("--data", required=True, help="evaluation data (layouts above)")
     parser.add_argument("--output", required=True, help="result JSON path")
     parser.add_argument(
         "--dataset-name", default="", help="name in the JSON (default: from --data)"

@@ -1,4 +1,4 @@
-"""``clipkit eval retrieval``: image-text retrieval, result JSON in CLIP_benchmark's shape.
+r"""``clipkit eval retrieval``: image-text retrieval, result JSON in CLIP_benchmark's shape.
 
 Example (CPU, COCO captions with 5 per image)::
 
@@ -32,6 +32,8 @@ from clipkit.eval.cli_common import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_common_arguments(parser)
     parser.add_argument("--images", default="", help="image folder of a COCO captions JSON")
     parser.add_argument(

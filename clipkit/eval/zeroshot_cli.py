@@ -1,4 +1,4 @@
-"""``clipkit eval zeroshot``: zero-shot classification, result JSON in CLIP_benchmark's shape.
+r"""``clipkit eval zeroshot``: zero-shot classification, result JSON in CLIP_benchmark's shape.
 
 Example (CPU, a trained run, CIFAR-10 test as a tar of an ImageFolder tree)::
 
@@ -33,6 +33,8 @@ from clipkit.eval.cli_common import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_common_arguments(parser)
     parser.add_argument(
         "--classnames",
