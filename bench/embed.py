@@ -1,0 +1,106 @@
+"""Embedder API overhead: ``Embedder.encode_image/encode_text`` vs a raw batched forward.
+
+Run (timing runs never overlap on the shared machine):
+    flock /tmp/clipkit-bench.lock python bench/embed.py --model open_clip:ViT-B-32
+
+Images are the COCO-mini JPEGs (``$CLIPKIT_DATA`` or ../shared/data), given to both sides as
+encoded bytes: the raw loop decodes, preprocesses, stacks and calls the tower; the API does the
+same through its batching (which prepares the next batch in a thread). A second image case feeds
+already-preprocessed tensors, isolating the API's own bookkeeping. Raw and API runs alternate,
+``--repeats`` times; the ratio of medians is printed (API / raw: < 1.05 means < 5% overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from clipkit.embed import Embedder  # noqa: E402
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="open_clip:ViT-B-32")
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--texts", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    root = Path(os.environ.get("CLIPKIT_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
+    coco = root / "coco_mini"
+    files = sorted((coco / "train2017").glob("*.jpg"))
+    blobs = [files[i % len(files)].read_bytes() for i in range(a.images)]
+    caps = [ln.split("\t", 1)[1] for ln in (coco / "captions.tsv").read_text().splitlines()[1:]]
+    texts = [caps[i % len(caps)] for i in range(a.texts)]
+    emb = Embedder.load(a.model, device="cpu")
+    model, pp, bs = emb.model, emb.model.preprocess_eval, a.batch_size
+    print(
+        f"model {a.model} (dim {emb.dim}), {a.images} images, {a.texts} texts, batch {bs}, "
+        f"{a.threads} torch threads",
+        flush=True,
+    )
+
+    def raw_images() -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(blobs), bs):
+                x = torch.stack(
+                    [pp(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[s : s + bs]]
+                )
+                out.append(model.encode_image(x))  # (b, D)
+        return torch.cat(out)
+
+    with torch.inference_mode():
+        pre = torch.stack([pp(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+
+    def raw_tensors() -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([model.encode_image(pre[s : s + bs]) for s in range(0, len(pre), bs)])
+
+    def raw_texts() -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    model.encode_text(model.tokenize(texts[s : s + 256]))
+                    for s in range(0, len(texts), 256)
+                ]
+            )
+
+    cases = [
+        ("image (JPEG bytes)", raw_images, lambda: emb.encode_image(blobs, batch_size=bs)),
+        ("image (tensors)", raw_tensors, lambda: emb.encode_image(pre, batch_size=bs)),
+        ("text", raw_texts, lambda: emb.encode_text(texts, batch_size=256)),
+    ]
+    print("| case | raw s (median) | API s (median) | API / raw | max abs diff |")
+    print("|---|---|---|---|---|")
+    for name, raw_fn, api_fn in cases:
+        raw_t, api_t = [], []
+        for _ in range(a.repeats):
+            t, ref = timed(raw_fn)
+            raw_t.append(t)
+            t, got = timed(api_fn)
+            api_t.append(t)
+        diff = float(np.abs(np.asarray(got) - ref.numpy()).max())
+        r, p = float(np.median(raw_t)), float(np.median(api_t))
+        print(f"| {name} | {r:.2f} | {p:.2f} | {p / r:.3f} | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
