@@ -130,3 +130,18 @@ def test_resume_keeps_skip_counts_exact(damaged):
     assert n == resumed.num_batches - 3
     for k, v in expected.items():
         assert resumed.stats[k] == v, (k, resumed.stats)
+
+
+def test_tar_cut_at_a_header_boundary_is_counted(tmp_path, photos):
+    """Python's tar stream reads a tar cut between members as a clean end; we still count it."""
+    with wds.TarWriter(str(tmp_path / "a.tar")) as tw:
+        for i in range(6):
+            tw.write({"__key__": f"{i:03d}", "jpg": photos[i], "txt": f"c {i}"})
+    data = (tmp_path / "a.tar").read_bytes()
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        cut = next(m for m in tf.getmembers() if m.name == "004.jpg").offset  # header start
+    (tmp_path / "a.tar").write_bytes(data[:cut])
+    loader = build_eval_loader(str(tmp_path / "a.tar"), 16, (0.5,) * 3, (0.5,) * 3, 4)
+    keys = [k for b in loader for k in b["key"]]
+    assert keys == ["000", "001", "002", "003"]
+    assert loader.stats["truncated_shard"] == 1
