@@ -1,0 +1,35 @@
+"""The service on real loopback HTTP under concurrent clients: no errors, still healthy."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from embed_helpers import LiveServer, build_catalog_dir
+
+from clipkit.embed.app import create_app
+from clipkit.embed.catalog import Catalog
+
+
+def test_16_concurrent_clients_mixed_requests(embedder, tmp_path) -> None:
+    folder, ix = build_catalog_dir(embedder, tmp_path)
+    img = base64.b64encode((folder / "04.png").read_bytes()).decode()
+    bodies = [
+        ("/embed/text", {"texts": ["a small test caption"]}),
+        ("/search", {"text": "random picture 4", "k": 5}),
+        ("/search", {"image": img, "k": 5}),
+    ]
+    with LiveServer(create_app(embedder, Catalog.load(ix))) as srv, httpx.Client() as client:
+
+        def one(i: int) -> tuple[int, dict]:
+            path, body = bodies[i % 3]
+            r = client.post(srv.url + path, json=body, timeout=60)
+            return r.status_code, r.json()
+
+        with ThreadPoolExecutor(16) as pool:
+            res = list(pool.map(one, range(96)))
+        assert [c for c, _ in res] == [200] * 96
+        top = {b["results"][0][0]["id"] for i, (_, b) in enumerate(res) if i % 3 == 2}
+        assert top == {4}  # every concurrent image search found the same, right answer
+        assert client.get(srv.url + "/health").json() == {"status": "ok"}
