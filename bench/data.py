@@ -183,6 +183,7 @@ def main() -> int:
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker runs")
     args = p.parse_args()
     corpus = build_corpus(args.corpus, args.data_root)
     lock = open("/tmp/clipkit-bench.lock", "a")  # noqa: SIM115 (held for the whole run)
@@ -215,10 +216,11 @@ def main() -> int:
             "using it with the one-line eof_value shim"
         )
     _shim_open_clip()
+    W = args.workers
     runs = {
-        ("open_clip", 2): lambda: open_clip_iter(spec, 2, tok),
-        ("clipkit", 2): lambda: clipkit_iter(spec, 2, tok),
-        ("clipkit + CPU normalize", 2): lambda: clipkit_iter(spec, 2, tok, cpu_normalize=True),
+        ("open_clip", W): lambda: open_clip_iter(spec, W, tok),
+        ("clipkit", W): lambda: clipkit_iter(spec, W, tok),
+        ("clipkit + CPU normalize", W): lambda: clipkit_iter(spec, W, tok, cpu_normalize=True),
         ("open_clip", 0): lambda: open_clip_iter(spec, 0, tok),
         ("clipkit", 0): lambda: clipkit_iter(spec, 0, tok),
     }
@@ -231,23 +233,24 @@ def main() -> int:
                 flush=True,
             )
     med = {k: statistics.median(v) for k, v in results.items()}
-    print("\n| pipeline | 2 workers, samples/s | 0 workers, samples/s |\n|---|---|---|")
+    print(f"\n| pipeline | {W} workers, samples/s | 0 workers, samples/s |\n|---|---|---|")
     for name in ("open_clip", "clipkit", "clipkit + CPU normalize"):
         zero = f"{med[(name, 0)]:.0f}" if (name, 0) in med else "-"
-        print(f"| {name} | {med[(name, 2)]:.0f} | {zero} |")
+        print(f"| {name} | {med[(name, W)]:.0f} | {zero} |")
     raw = raw_read_rate(urls[:2])
     dec = decode_rates(urls[0])
     print(
         f"\nphysical limits (1 core): raw tar read {raw:.0f} samples/s; "
         + "; ".join(f"{k} {v:.0f} img/s" for k, v in dec.items())
     )
-    limit2 = 2 * max(dec.values())
+    cores = min(W, os.cpu_count() or 1) if W else 1
+    limit = cores * max(dec.values())
     print(
-        f"clipkit (2 workers) reaches {med[('clipkit', 2)] / limit2:.2f} of the 2-core full-size"
-        f" decode limit ({limit2:.0f} img/s; DCT-scaled decoding can exceed it)"
+        f"clipkit ({W} workers) reaches {med[('clipkit', W)] / limit:.2f} of the {cores}-core "
+        f"full-size decode limit ({limit:.0f} img/s; DCT-scaled decoding can exceed it)"
     )
     print(f"speedup vs open_clip (0 workers): {med[('clipkit', 0)] / med[('open_clip', 0)]:.2f}x")
-    print(f"speedup vs open_clip (2 workers): {med[('clipkit', 2)] / med[('open_clip', 2)]:.2f}x")
+    print(f"speedup vs open_clip ({W} workers): {med[('clipkit', W)] / med[('open_clip', W)]:.2f}x")
     return 0
 
 
