@@ -10,6 +10,7 @@ restarts exactly where a run stopped.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -121,6 +122,8 @@ class ShardLoader:
         )
         base = dict(self.stats)
         self._worker_stats = {}
+        # HF fast tokenizers deadlock in forked workers once their thread pool has started.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         dl = DataLoader(
             ShardStream(spec),
             batch_size=None,

@@ -196,3 +196,16 @@ def test_eval_loader_matches_open_clip_preprocess(shard_dir, photos):
         ref = torch.stack([pre(Image.open(io.BytesIO(photos[int(k)]))) for k in b["key"]])
         torch.testing.assert_close(b["image"], ref, atol=1e-5, rtol=0)
         assert b["cls"].tolist() == [int(k) % 10 for k in b["key"]]
+
+
+def test_pipe_urls_read_like_local_files(shard_dir):
+    """Any URL webdataset opens works; here ``pipe:cat`` (sizes come from data.num_samples)."""
+    local = _loader(shard_dir, workers=0, batch=12, train=False)
+    spec = "::".join(f"pipe:cat {shard_dir}/{i:05d}.tar" for i in range(8))
+    c = DataConfig(train=spec, workers=2, num_samples=96, shuffle_buffer=8)
+    piped = build_train_loader(
+        c, tokenizer=toy_tokenizer, image_size=32, mean=MEAN, std=STD, batch_size=12, seed=3
+    )
+    assert piped.num_batches == 8
+    keys = [k for b in piped for k in b["key"]]
+    assert sorted(keys) == sorted(k for b in local for k in b["key"])
