@@ -43,6 +43,10 @@ class Plan:
     weights: list[list[float]] | None = None
     num_batches: int | None = None
     counts: list[int] = field(default_factory=list)
+    # Eval with fewer shards than readers: every reader reads all shards and keeps the samples
+    # whose index is ``offset`` modulo ``step`` (``(offset, step)`` per reader), skipping the
+    # others undecoded.
+    strides: list[tuple[int, int]] | None = None
 
 
 def is_url(path: str) -> bool:
@@ -173,6 +177,12 @@ def plan_epoch(
         return order[r::world_size][w::W]
 
     mine = [[urls[i] for i in reader_shards(rank, w)] for w in range(W)]
+    if not train and len(urls) < readers:
+        total = sum(sizes) if sizes else None
+        strides = [(rank * W + w, readers) for w in range(W)]
+        counts = [(total - g + n - 1) // n for g, n in strides] if total is not None else []
+        nb = sum(-(-c // batch_size) for c in counts) if counts else None
+        return Plan([list(urls)] * W, [None] * W, num_batches=nb, counts=counts, strides=strides)
     if not train:
         counts = [sum(sizes[i] for i in reader_shards(rank, w)) for w in range(W)] if sizes else []
         nb = sum(-(-c // batch_size) for c in counts) if sizes else None

@@ -225,6 +225,7 @@ class _Reader:
         quota = s.plan.quotas[self.r]
         if quota is not None and produced >= quota:
             return
+        offset, step = s.plan.strides[self.r] if s.plan.strides else (0, 1)
         items: list[dict[str, Any]] = []
         pos = 0
         self.skipping = start > 0
@@ -234,6 +235,8 @@ class _Reader:
                 # after the checkpoint in the original run, so they count again.
                 self.skipping = pos < start
                 continue
+            if (pos - 1) % step != offset:
+                continue  # another reader's sample (eval on fewer shards than readers)
             item = self.decode(sample, pos - 1)
             if item is None:
                 continue

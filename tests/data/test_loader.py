@@ -209,3 +209,25 @@ def test_pipe_urls_read_like_local_files(shard_dir):
     assert piped.num_batches == 8
     keys = [k for b in piped for k in b["key"]]
     assert sorted(keys) == sorted(k for b in local for k in b["key"])
+
+
+def test_eval_on_fewer_shards_than_readers_splits_samples(shard_dir):
+    """2 ranks x 2 workers on 2 shards (24 samples): every sample once, balanced."""
+    from clipkit.data import build_eval_loader
+
+    per_rank = []
+    for rank in range(2):
+        loader = build_eval_loader(
+            str(shard_dir / "{00000..00001}.tar"),
+            16,
+            MEAN,
+            STD,
+            5,
+            workers=2,
+            rank=rank,
+            world_size=2,
+        )
+        per_rank.append([k for b in loader for k in b["key"]])
+        assert loader.num_batches == 4  # 12 samples per rank: 6 per reader -> 2 batches each
+    assert sorted(per_rank[0] + per_rank[1]) == [f"{i:06d}" for i in range(24)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 12
