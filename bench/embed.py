@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default=None, help="API precision (default fp32 cpu, fp16 cuda)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     root = Path(os.environ.get("CLIPKIT_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
@@ -49,8 +51,17 @@ def main() -> None:
     blobs = [files[i % len(files)].read_bytes() for i in range(a.images)]
     caps = [ln.split("\t", 1)[1] for ln in (coco / "captions.tsv").read_text().splitlines()[1:]]
     texts = [caps[i % len(caps)] for i in range(a.texts)]
-    emb = Embedder.load(a.model, device="cpu")
+    emb = Embedder.load(a.model, device=a.device, precision=a.precision)
     model, pp, bs = emb.model, emb.model.preprocess_eval, a.batch_size
+    dev, amp = emb.device, emb._amp_dtype  # the raw loop uses the same device and autocast
+
+    def fwd(fn, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dev)
+        if amp is not None and dev.type != "cpu":
+            with torch.autocast(dev.type, dtype=amp):
+                return fn(x).float().cpu()
+        return fn(x).cpu()
+
     print(
         f"model {a.model} (dim {emb.dim}), {a.images} images, {a.texts} texts, batch {bs}, "
         f"{a.threads} torch threads",
@@ -64,7 +75,7 @@ def main() -> None:
                 x = torch.stack(
                     [pp(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[s : s + bs]]
                 )
-                out.append(model.encode_image(x))  # (b, D)
+                out.append(fwd(model.encode_image, x))  # (b, D)
         return torch.cat(out)
 
     with torch.inference_mode():
@@ -72,13 +83,15 @@ def main() -> None:
 
     def raw_tensors() -> torch.Tensor:
         with torch.inference_mode():
-            return torch.cat([model.encode_image(pre[s : s + bs]) for s in range(0, len(pre), bs)])
+            return torch.cat(
+                [fwd(model.encode_image, pre[s : s + bs]) for s in range(0, len(pre), bs)]
+            )
 
     def raw_texts() -> torch.Tensor:
         with torch.inference_mode():
             return torch.cat(
                 [
-                    model.encode_text(model.tokenize(texts[s : s + 256]))
+                    fwd(model.encode_text, model.tokenize(texts[s : s + 256]))
                     for s in range(0, len(texts), 256)
                 ]
             )
