@@ -124,6 +124,8 @@ class TrainConfig:
     # Stop the run after this many consecutive non-finite losses.
     max_nonfinite: int = 5
     torch_threads: int = 0
+    # On CUDA: TF32 matmuls for fp32 work and cuDNN autotuning (open_clip's defaults).
+    tf32: bool = True
     # Append each step's sample keys to <output_dir>/keys.rank<R>.jsonl (audits data order/resume).
     record_keys: bool = False
 

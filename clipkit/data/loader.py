@@ -130,6 +130,8 @@ class ShardLoader:
             num_workers=self.workers,
             persistent_workers=False,
             prefetch_factor=4 if self.workers > 0 else None,
+            # Page-locked batches let the trainer's non_blocking copy overlap the GPU's work.
+            pin_memory=torch.cuda.is_available(),
         )
         W = len(self.plan.urls)
         for item in dl:

@@ -65,10 +65,7 @@ class ClipTask:
         if image.dtype == torch.uint8:
             from clipkit.data import normalize
 
-            pp = _unwrap(model).clip.visual.preprocess_cfg
-            mean = torch.tensor(pp["mean"], device=image.device)
-            std = torch.tensor(pp["std"], device=image.device)
-            image = normalize(image, mean, std)
+            image = normalize(image, *self._mean_std(model, image.device))
         # Through the (possibly DDP-wrapped) forward so the scale's gradient is all-reduced too.
         out = model(image=image, text=batch["text"])
         return {
@@ -77,6 +74,17 @@ class ClipTask:
             "logit_scale": out["logit_scale"],
             "logit_bias": out.get("logit_bias"),
         }
+
+    def _mean_std(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
+        # Built once per device: a fresh host->device copy every step would sync the stream.
+        cache = self.__dict__.setdefault("_norm", {})
+        if device not in cache:
+            pp = _unwrap(model).clip.visual.preprocess_cfg
+            cache[device] = (
+                torch.tensor(pp["mean"], device=device),  # (3,)
+                torch.tensor(pp["std"], device=device),  # (3,)
+            )
+        return cache[device]
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
         return _unwrap(model).clip.logit_scale.exp()

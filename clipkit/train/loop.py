@@ -71,6 +71,10 @@ def train(cfg: Config) -> dict[str, Any]:
         project_dir=str(run_dir),
     )
     main = accelerator.is_main_process
+    if accelerator.device.type == "cuda" and cfg.train.tf32:
+        # As open_clip does: TF32 for the fp32 matmuls left under autocast, tuned cuDNN kernels.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     set_seed(cfg.train.seed, device_specific=False)
     task = get_task(cfg.task)
 
@@ -116,7 +120,8 @@ def train(cfg: Config) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
 
     def embed(mb: dict[str, Any]) -> dict[str, Any]:
-        mb = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+        dev = accelerator.device
+        mb = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         with accelerator.autocast():
             out = _as_dict(task.embed(model, mb))
         if out.get("logit_scale") is None:
@@ -226,6 +231,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 logs["train/logit_scale"] = scale.exp().item()
             if grad_norm is not None:
                 logs["train/grad_norm"] = float(grad_norm)
+            if accelerator.device.type == "cuda":
+                logs["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             t_last, wait_time, step_time, last_logged = now, 0.0, 0.0, step
             bar.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
             _record(accelerator, metrics_file, step, logs, history)

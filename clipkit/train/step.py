@@ -19,7 +19,8 @@ Loss = Callable[[dict[str, Any]], torch.Tensor]
 
 def all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
     """One decision for all ranks, so no rank steps while another skips."""
-    flag = torch.tensor([float(torch.isfinite(loss).all())], device=accelerator.device)
+    # Stays on the device until the one .item() (a single host sync per step).
+    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
     return bool(accelerator.reduce(flag, "min").item() > 0)
 
 
