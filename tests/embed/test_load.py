@@ -33,3 +33,19 @@ def test_16_concurrent_clients_mixed_requests(embedder, tmp_path) -> None:
         top = {b["results"][0][0]["id"] for i, (_, b) in enumerate(res) if i % 3 == 2}
         assert top == {4}  # every concurrent image search found the same, right answer
         assert client.get(srv.url + "/health").json() == {"status": "ok"}
+
+
+def test_chunked_body_over_limit_is_413(embedder) -> None:
+    from clipkit.embed.app import ServeLimits
+
+    with LiveServer(create_app(embedder, None, ServeLimits(max_body_bytes=1000))) as srv:
+
+        def chunks():  # no Content-Length: the limit must hold while streaming
+            yield b'{"texts": ["'
+            for _ in range(10):
+                yield b"x" * 300
+
+        r = httpx.post(srv.url + "/embed/text", content=chunks(), timeout=30)
+        assert r.request.headers.get("transfer-encoding") == "chunked"
+        assert r.status_code == 413 and "exceeds the limit of 1000 bytes" in r.json()["detail"]
+        assert httpx.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}
