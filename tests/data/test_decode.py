@@ -134,3 +134,30 @@ def test_truncated_jpeg_raises_or_decodes(photo):
             assert out.shape == (3, 32, 32)
         except DecodeError:
             pass
+
+
+def test_dct_scale_is_the_smallest_that_covers_the_crop(photo, monkeypatch):
+    """The decoded crop covers S x S, and the next smaller n/8 scale would not."""
+    import simplejpeg
+
+    import clipkit.data.decode as dec
+
+    data = _jpeg(photo.resize((1024, 768)))
+    shapes = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        shapes.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(dec.simplejpeg, "decode_jpeg", spy)
+    for seed in range(20):
+        dec.train_crop(data, 224, random.Random(seed))
+        top, left, h, w = crop_params(random.Random(seed), 768, 1024, (0.9, 1.0))
+        dh, dw = shapes[-1]
+        scale = dh / 768
+        assert scale < 1 and dw / 1024 == scale  # reduced-size decode happened
+        assert h * scale >= 224 - 1 and w * scale >= 224 - 1  # crop still covers S x S
+        smaller = (round(scale * 8) - 1) / 8
+        assert h * smaller < 224 or w * smaller < 224  # and no smaller n/8 scale would
