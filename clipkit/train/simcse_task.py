@@ -110,6 +110,17 @@ class SimCSETask:
         )
         data.stats.update(stats)
         self._data = data
+        if not cfg.train.resume and rank == 0:  # a fresh run: forget an earlier run's records
+            run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+            for old in (run_dir / "sts_eval.jsonl", run_dir / "best" / "best.json"):
+                old.unlink(missing_ok=True)
+        if cfg.eval.sts and cfg.eval.every > 0 and not cfg.train.resume and rank == 0:
+            # The untrained model's score: step 0 of the plot and the baseline for best/.
+            from clipkit.eval.sts import load_sts, sts_scores
+
+            self._sets = self._sets or load_sts(cfg.eval.sts)
+            res = sts_scores(lambda s: m.encode(s, batch_size=cfg.eval.batch_size), self._sets)
+            self._record(cfg, m, *self._summarise(res))
         return data
 
     def embed(
@@ -146,17 +157,21 @@ class SimCSETask:
         res = sts_scores(
             lambda s: distributed_encode(m, s, accelerator, cfg.eval.batch_size), self._sets
         )
-        metrics = {f"sts/{k}/spearman": float(v) for k, v in res["spearman"].items()}
-        if len(self._sets) > 1:
-            metrics.update({f"sts/{k}": float(res[k]) for k in ("all", "mean", "wmean")})
-        # Model selection as SimCSE: one set -> its score; several -> their mean.
-        main_value = float(
-            next(iter(res["spearman"].values())) if len(self._sets) == 1 else res["mean"]
-        )
-        metrics["sts/main"] = main_value
+        main_value, metrics = self._summarise(res)
         if accelerator.is_main_process:
             self._record(cfg, m, main_value, metrics)
         return metrics
+
+    @staticmethod
+    def _summarise(res: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        metrics = {f"sts/{k}/spearman": float(v) for k, v in res["spearman"].items()}
+        if len(res["spearman"]) > 1:
+            metrics.update({f"sts/{k}": float(res[k]) for k in ("all", "mean", "wmean")})
+        # Model selection as SimCSE: one set -> its score; several -> their mean.
+        values = list(res["spearman"].values())
+        main_value = float(values[0] if len(values) == 1 else res["mean"])
+        metrics["sts/main"] = main_value
+        return main_value, metrics
 
     def _record(self, cfg: Config, m: SentenceEncoder, value: float, metrics: dict) -> None:
         run_dir = Path(cfg.train.output_dir).expanduser().resolve()

@@ -28,6 +28,8 @@ def main(out: str, model_dir: str, data: str, global_batch: int, accum: int) -> 
             "model.max_length=16",
             f"train.batch_size={global_batch // w // accum}",
             f"train.accum_steps={accum}",
+            "eval.sts=",
+            f"train.output_dir={Path(out).parent / 'run'}",
         ],
     )
     task = SimCSETask()

@@ -64,6 +64,7 @@ def _cfg(files, name: str, *extra: str):
             f"model.hf_text_model={files['bert']}",
             f"data.train={files[name]}",
             f"eval.sts={files['sts']}",
+            f"train.output_dir={files['dir'] / 'run'}",
             "train.batch_size=8",
             "model.max_length=16",
             *extra,
@@ -96,7 +97,7 @@ def test_embed_layout_and_dropout_views(files):
 @pytest.mark.slow
 def test_shared_loop_run_exports_sentence_transformers(files, tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    from clipkit.models.sentence_encoder import SentenceEncoder
+    from clipkit.models.sentence_encoder import SentenceEncoder, resolve_model_path
     from clipkit.train.loop import train
 
     out = tmp_path / "run"
@@ -115,9 +116,10 @@ def test_shared_loop_run_exports_sentence_transformers(files, tmp_path):
     result = train(cfg)
     assert "eval/sts/sts-dev/spearman" in result and (out / "sts_dev.png").stat().st_size > 0
     history = [json.loads(x) for x in (out / "sts_eval.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [2, 4]
+    assert [h["step"] for h in history] == [0, 2, 4]  # 0 = the model before training
     best = json.loads((out / "best" / "best.json").read_text())
     assert best["value"] == max(h["sts/main"] for h in history)
+    assert resolve_model_path(str(out)) == str(out / "best")  # a run folder means its best/
     sentences = [_sentence(i) for i in range(5)]
     ours = SentenceEncoder.from_pretrained(str(out / "export")).encode(sentences)
     ref = st.SentenceTransformer(str(out / "export"), device="cpu").encode(
