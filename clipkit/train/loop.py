@@ -65,7 +65,11 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
     run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    # Under torchrun on a machine without CUDA, Accelerate only forms the gloo process group
+    # when told it is a CPU run; otherwise every rank would silently train alone.
+    cpu_multi = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_multi,
         mixed_precision=PRECISIONS[cfg.train.precision],
         log_with=list(cfg.train.trackers) or None,
         project_dir=str(run_dir),
@@ -93,6 +97,9 @@ def train(cfg: Config) -> dict[str, Any]:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     optimizer = build_optimizer([model, loss_fn], cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
+    if cfg.model.compile:
+        # The towers only: the tiled loss stays out of the graph (it is compiler-disabled).
+        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = loss_fn.to(accelerator.device)
     # The scheduler is stepped once per optimiser step on every rank (not prepared: Accelerate

@@ -126,3 +126,25 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, cache, capsys):
     assert main(_common(tmp_path, cache, "bad") + ["train.resume=latest"]) == 2
     err = capsys.readouterr().err.strip()
     assert "corrupt checkpoint" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_process_run_trains_evaluates_checkpoints(tmp_path, cache):
+    """2 CPU processes (torchrun + gloo; Accelerate reads the environment), end to end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_addr", "127.0.0.1", "--master_port", "29533"),
+        str(REPO / "scripts" / "train.py"),
+        *_common(tmp_path, cache, "ddp"),
+        *("train.max_steps=4", "train.batch_size=32", "train.torch_threads=1"),
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "ddp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["samples_seen"] == 4 * 32 * 2
+    assert metrics["eval/zeroshot/digits/n"] == 360  # both ranks' slices gathered
+    state = json.loads((run / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert len(state["data"]) == 2  # one data position per rank
+    assert (run / "export" / "open_clip_model.safetensors").is_file()
