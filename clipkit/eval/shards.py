@@ -33,8 +33,52 @@ def decode_image(data: bytes) -> Image.Image | None:
         return None
 
 
+def _scan_plain_tar(path: Path) -> list[tuple[str, int, int]] | None:
+    """Fast path of :func:`scan_tar` for plain ustar/GNU tars: read the 512-byte headers only.
+
+    ``tarfile`` spends ~60 us per member building TarInfo objects (0.6 s for CIFAR-10 test's
+    10k members on the shared machine); the headers hold all we need. Returns None for anything
+    unusual (compression, pax or GNU long-name records, bad checksum) so the caller falls back to
+    ``tarfile``.
+    """
+    out = []
+    with open(path, "rb") as f:
+        off = 0
+        while True:
+            f.seek(off)
+            hdr = f.read(512)
+            if len(hdr) < 512 or hdr == bytes(512):
+                return out
+            try:
+                chksum = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
+                size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
+            except ValueError:
+                return None  # base-256 size or not a tar header
+            if chksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+                return None
+            kind = hdr[156:157]
+            if kind not in (b"0", b"\0", b"5", b"1", b"2"):
+                return None  # pax ("x", "g") or GNU long names ("L", "K"): let tarfile decode
+            name = hdr[:100].split(b"\0", 1)[0]
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+            text = name.decode("utf-8", "surrogateescape").removeprefix("./")
+            if kind in (b"0", b"\0") and text.lower().endswith(IMAGE_EXTS):
+                out.append((text, off + 512, size))
+            off += 512 + (size + 511) // 512 * 512
+
+
 def scan_tar(path: Path) -> list[tuple[str, int, int]]:
-    """``(member name without "./", data offset, size)`` of every image member of a tar."""
+    """``(member name without "./", data offset, size)`` of every image member of a tar.
+
+    Raises:
+        ValueError: the file is not a readable tar.
+    """
+    fast = _scan_plain_tar(path)
+    if fast is not None:
+        return fast
     try:
         with tarfile.open(path) as tf:
             out = [
