@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import toy_tokenizer
+from data_helpers import toy_tokenizer
 
 from clipkit.config.schema import DataConfig
 from clipkit.data import build_train_loader
@@ -104,7 +104,7 @@ def test_exact_resume_mid_epoch(shard_dir):
 
 
 def _resampled(tmp_path, photos):
-    from conftest import write_shards
+    from data_helpers import write_shards
 
     if not (tmp_path / "b").exists():
         write_shards(tmp_path / "a", photos[:40], 10)  # keys 000000..000039

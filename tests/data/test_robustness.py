@@ -7,7 +7,7 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
-from conftest import toy_tokenizer
+from data_helpers import toy_tokenizer
 
 from clipkit.config.schema import DataConfig
 from clipkit.data import build_eval_loader, build_train_loader
