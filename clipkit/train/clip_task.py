@@ -37,6 +37,11 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
 class ClipTask:
     """Symmetric InfoNCE (or SigLIP) between image and caption embeddings."""
 
+    def __init__(self) -> None:
+        # Normalisation constants per device, built once: a host->device copy every step
+        # would sync the stream.
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def build_model(self, cfg: Config) -> nn.Module:
         return build_dual_encoder(cfg.model, cfg.loss)
 
@@ -76,8 +81,7 @@ class ClipTask:
         }
 
     def _mean_std(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
-        # Built once per device: a fresh host->device copy every step would sync the stream.
-        cache = self.__dict__.setdefault("_norm", {})
+        cache = self._norm
         if device not in cache:
             pp = _unwrap(model).clip.visual.preprocess_cfg
             cache[device] = (

@@ -44,12 +44,6 @@ def _as_dict(out: Any) -> dict[str, Any]:
     return {"q": q, "k": k, "hard_negatives": hn}
 
 
-def _log_line(step: int, total: int, logs: dict[str, float]) -> str:
-    keys = ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_s")
-    parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in keys if k in logs]
-    return f"step {step}/{total} " + " ".join(parts)
-
-
 def train(cfg: Config) -> dict[str, Any]:
     """Train per ``cfg``; returns the final metrics (also written to ``<output_dir>/metrics.json``).
 
@@ -295,5 +289,5 @@ def _flatten(cfg: Config) -> dict[str, Any]:
             for k, v in values.items():
                 out[f"{section}.{k}"] = v
         else:
-            out[section] = v if (v := values) is not None else ""
+            out[section] = "" if values is None else values
     return out

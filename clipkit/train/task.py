@@ -7,7 +7,6 @@ from :data:`TASKS`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -28,8 +27,10 @@ class Task(Protocol):
 
     def embed(
         self, model: nn.Module, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Micro-batch -> ``(q (B, D), k (B, D), hard_negatives (B*h, D) | None)``, normalised."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | dict[str, Any]:
+        """Micro-batch -> ``(q (B, D), k (B, D), hard_negatives (B*h, D) | None)``, normalised,
+        or a dict with those keys plus ``logit_scale``/``logit_bias`` taken from the model's
+        forward (so DDP all-reduces their gradients with the towers')."""
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
         """The model's exponentiated scale, or None to use the loss module's own temperature."""
@@ -54,4 +55,4 @@ def get_task(name: str) -> Task:
     raise ValueError(f"unknown task '{name}'; valid: clip, simcse")
 
 
-__all__ = ["Iterable", "Task", "get_task"]
+__all__ = ["Task", "get_task"]
