@@ -10,10 +10,17 @@ Layout (as clip-retrieval writes it)::
 Partition ``p`` holds records ``p * partition_size ...``; a partition is finished when its parquet
 file exists (written last), so a rerun skips finished partitions. Unreadable images are skipped
 and counted (their ids are simply absent).
+
+The manifest also records a fingerprint of the input (file names, sizes, modified times and, for
+a caption file, a hash of its first MiB). A rerun resumes only when input, fingerprint, model,
+modality and partition size all match; otherwise it stops, because finished partitions of the
+old input would silently mix with new ones. ``overwrite=True`` deletes the old partitions first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -22,10 +29,14 @@ from typing import Any
 import numpy as np
 
 from clipkit.embed.embedder import Embedder, load_image
-from clipkit.embed.sources import Record, detect_kind, iter_records
+from clipkit.embed.sources import IMAGE_EXTS, Record, detect_kind, iter_records, shard_urls
 
 MODALITIES = ("auto", "image", "text", "both")
 MANIFEST = "embeddings.json"
+# (sub-folder, file-name prefix) of every partition file a run writes, .tmp files included.
+PARTITION_FILES = (("img_emb", "img_emb_"), ("text_emb", "text_emb_"), ("metadata", "metadata_"))
+# Caption files are hashed this far; size + mtime cover edits further in.
+HASH_HEAD_BYTES = 1 << 20
 
 
 def _paths(out: Path, p: int) -> dict[str, Path]:
@@ -41,6 +52,81 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, x)
     tmp.replace(path)
+
+
+def _input_files(spec: str, kind: str) -> list[tuple[str, Path]]:
+    """``(name, path)`` of every file ``iter_records`` reads for ``spec``, in a fixed order."""
+    if kind == "shards":
+        return [(u, Path(u)) for u in shard_urls(spec)]
+    base = Path(spec).expanduser()
+    if kind != "folder":
+        return [(base.name, base)]
+    # Mirrors sources.iter_folder: images plus the .txt/.json caption and metadata beside them.
+    imgs = [p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+    side = {q for p in imgs for q in (p.with_suffix(".txt"), p.with_suffix(".json")) if q.is_file()}
+    return sorted((p.relative_to(base).as_posix(), p) for p in {*imgs, *side})
+
+
+def input_fingerprint(spec: str, kind: str) -> dict[str, Any]:
+    """What the input of an embedding run looked like: file count, bytes and a digest.
+
+    The digest covers each file's name, size and modified time, and for a caption file also the
+    sha256 of its first MiB, so adding, removing, renaming or editing a file changes it.
+
+    Returns:
+        ``{"kind", "files", "bytes", "sha256"}``.
+    """
+    h = hashlib.sha256()
+    files = _input_files(spec, kind)
+    total = 0
+    for name, path in files:
+        st = path.stat()
+        total += st.st_size
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if kind == "captions":
+        with files[0][1].open("rb") as f:
+            h.update(hashlib.sha256(f.read(HASH_HEAD_BYTES)).digest())
+    return {"kind": kind, "files": len(files), "bytes": total, "sha256": h.hexdigest()}
+
+
+def _resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How the settings/input of ``new`` differ from those of the earlier run ``old``."""
+    changes = []
+    for key in ("input", "kind", "modality", "partition_size"):
+        if key in old and old[key] != new[key]:
+            changes.append(f"{key} was {old[key]!r}, now {new[key]!r}")
+    if old["model"]["model_id"] != new["model"]["model_id"]:
+        changes.append(f"model was {old['model']['model_id']}, now {new['model']['model_id']}")
+    a, b = old.get("fingerprint"), new["fingerprint"]
+    # Folders made before fingerprints existed have none; there is nothing to compare then.
+    # A changed kind is reported above and makes every file look different.
+    if a and a.get("kind") == b["kind"] and a != b:
+        if (a["files"], a["bytes"]) != (b["files"], b["bytes"]):
+            changes.append(
+                f"input had {a['files']} files of {a['bytes']} bytes, now {b['files']} files "
+                f"of {b['bytes']} bytes"
+            )
+        else:
+            changes.append("input files were renamed, modified or touched (same count and size)")
+    return changes
+
+
+def _partition_files(out: Path) -> list[Path]:
+    return [f for sub, stem in PARTITION_FILES for f in sorted((out / sub).glob(f"{stem}*"))]
+
+
+def _clear(out: Path) -> None:
+    """Delete what an earlier run wrote into ``out``, and nothing else.
+
+    The manifest goes first: if this is interrupted, the leftover partitions have no manifest and
+    a rerun refuses them instead of resuming from them.
+    """
+    (out / MANIFEST).unlink(missing_ok=True)
+    for f in _partition_files(out):
+        f.unlink()
+    for sub, _ in PARTITION_FILES:
+        with contextlib.suppress(OSError):  # not there, or holds files of someone else
+            (out / sub).rmdir()
 
 
 def _metadata_frame(recs: list[Record]) -> Any:
@@ -94,6 +180,7 @@ def embed_dataset(
     partition_size: int = 10_000,
     batch_size: int = 64,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Embed every record of ``input_spec`` into ``out_dir`` (resumable).
 
@@ -107,13 +194,15 @@ def embed_dataset(
         partition_size: records per partition.
         batch_size: images per forward pass.
         progress: show a progress bar over records.
+        overwrite: delete the partitions of an earlier run in ``out_dir`` and start afresh,
+            instead of resuming from them.
 
     Returns:
         The manifest dict (also written to ``out_dir/embeddings.json``).
 
     Raises:
-        ValueError: bad arguments, unreadable input, or an output folder made by another model
-            or with other settings.
+        ValueError: bad arguments, unreadable input, or an output folder made from another
+            input, by another model or with other settings (and ``overwrite`` not set).
     """
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
@@ -136,23 +225,14 @@ def embed_dataset(
         "partition_size": partition_size,
         "input": str(input_spec),
         "kind": kind,
+        "fingerprint": input_fingerprint(str(input_spec), kind),
+        "complete": False,
         "partitions": {},
     }
+    manifest["partitions"] = _prepare_output(out, manifest, overwrite)
     mpath = out / MANIFEST
-    if mpath.is_file():
-        old = json.loads(mpath.read_text())
-        for key in ("modality", "partition_size", "input"):
-            if old.get(key) != manifest[key]:
-                raise ValueError(
-                    f"{mpath}: {key} is {old.get(key)!r}, not {manifest[key]!r}; use a new output"
-                )
-        if old["model"]["model_id"] != embedder.model_id:
-            raise ValueError(
-                f"{mpath}: made by model {old['model']['model_id']}, not {embedder.model_id}; "
-                "use a new output folder"
-            )
-        manifest["partitions"] = old.get("partitions", {})
-    out.mkdir(parents=True, exist_ok=True)
+    # Written before the first partition, so partition files never exist without a manifest.
+    mpath.write_text(json.dumps(manifest, indent=2))
     from tqdm import tqdm
 
     stream = itertools.chain([first], records)
@@ -190,8 +270,41 @@ def embed_dataset(
         mpath.write_text(json.dumps(manifest, indent=2))
         bar.update(len(chunk))
     bar.close()
+    manifest["complete"] = True
     mpath.write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Make ``out`` ready for the run ``manifest``; returns the partitions it may resume from.
+
+    Raises:
+        ValueError: ``out`` holds a run that differs from ``manifest``, or partition files
+            without a manifest, and ``overwrite`` is not set.
+    """
+    mpath = out / MANIFEST
+    if overwrite:
+        _clear(out)
+    elif mpath.is_file():
+        try:
+            old = json.loads(mpath.read_text())
+        except ValueError as err:
+            msg = f"{mpath}: unreadable ({err}); pass --overwrite to start afresh"
+            raise ValueError(msg) from err
+        changes = _resume_changes(old, manifest)
+        if changes:
+            raise ValueError(
+                f"{out}: cannot resume, {'; '.join(changes)}; pass --overwrite to delete its "
+                "partitions and embed afresh, or choose a new --output"
+            )
+        return old.get("partitions", {})
+    elif _partition_files(out):
+        raise ValueError(
+            f"{out}: holds partition files but no {MANIFEST}; pass --overwrite to delete them "
+            "and embed afresh, or choose a new --output"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return {}
 
 
 def load_embeddings(emb_dir: str | Path, modality: str = "image") -> tuple[np.ndarray, Any, dict]:

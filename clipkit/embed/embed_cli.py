@@ -3,6 +3,9 @@
 Example:
     clipkit embed --model runs/coco/export --input ../shared/data/coco_mini/captions.tsv \
         --output /tmp/coco_emb
+
+Rerunning the same command resumes; if the input, model or settings changed since, it stops
+with an error instead, and ``--overwrite`` starts afresh.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="export dir, run dir or open_clip:ARCH")
     parser.add_argument("--weights", default=None, help="weights file for open_clip:ARCH")
     parser.add_argument("--input", required=True, help="shard spec, image folder or caption file")
-    parser.add_argument("--output", required=True, help="output folder (resumable)")
+    parser.add_argument(
+        "--output", required=True, help="output folder; a rerun with the same input resumes"
+    )
     parser.add_argument("--kind", default="auto", choices=SOURCE_KINDS)
     parser.add_argument("--modality", default="auto", choices=MODALITIES)
     parser.add_argument("--partition-size", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the partitions of an earlier run in --output and embed afresh",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality,
         partition_size=args.partition_size,
         batch_size=args.batch_size,
+        overwrite=args.overwrite,
     )
     parts = man["partitions"].values()
     summary = {

@@ -62,7 +62,7 @@ def test_resume_skips_finished_partitions(embedder, tmp_path) -> None:
     man = embed_dataset(embedder, spec, out, partition_size=3)
     assert (out / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns == first
     assert (out / "metadata" / "metadata_2.parquet").is_file() and len(man["partitions"]) == 3
-    with pytest.raises(ValueError, match="partition_size is 3"):
+    with pytest.raises(ValueError, match="partition_size was 3, now 4; pass --overwrite"):
         embed_dataset(embedder, spec, out, partition_size=4)
 
 
