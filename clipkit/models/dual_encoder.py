@@ -7,8 +7,11 @@ format and open_clip / CLIP_benchmark load it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +191,25 @@ def _register(name: str, cfg: dict[str, Any]) -> str:
     return key
 
 
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    Training from scratch is the normal case here, and the warning (logged on the root logger on
+    every build, on every rank) reads like an error to users of the demo.
+    """
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def build_dual_encoder(mcfg: ModelConfig, loss_cfg: LossConfig | None = None) -> DualEncoder:
     """Build the dual encoder named by ``mcfg`` (open_clip architecture, JSON or HF text tower).
 
@@ -212,9 +234,10 @@ def build_dual_encoder(mcfg: ModelConfig, loss_cfg: LossConfig | None = None) ->
     if pretrained and Path(pretrained).expanduser().suffix and not Path(pretrained).exists():
         raise ValueError(f"model.pretrained file not found: {pretrained}")
     key = _register(Path(mcfg.name).stem, cfg)
-    clip, pp_train, pp_eval = open_clip.create_model_and_transforms(
-        key, pretrained=pretrained, **kwargs
-    )
+    with _quiet_random_init():
+        clip, pp_train, pp_eval = open_clip.create_model_and_transforms(
+            key, pretrained=pretrained, **kwargs
+        )
     tokenizer = open_clip.get_tokenizer(key)
     if mcfg.lock_image:
         clip.lock_image_tower(unlocked_groups=mcfg.lock_image_unlocked_groups)

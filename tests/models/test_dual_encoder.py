@@ -87,3 +87,15 @@ def test_lock_image_tower_freezes_it(tiny_json):
 def test_unknown_model_name_lists_choices():
     with pytest.raises(ValueError, match="unknown model name 'NoSuchNet'.*clipkit-digits"):
         build_dual_encoder(ModelConfig(name="NoSuchNet"))
+
+
+def test_from_scratch_build_is_quiet_but_other_warnings_pass(tiny_json, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        build_dual_encoder(ModelConfig(name=str(tiny_json)))
+        logging.getLogger().warning("another warning")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert not any("No pretrained weights loaded" in m for m in msgs)
+    assert "another warning" in msgs
+    assert not logging.getLogger().filters  # the filter is removed after the build
