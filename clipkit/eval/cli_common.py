@@ -183,14 +183,43 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 class SkipLog:
-    """Passes batches through, remembering which images were unreadable."""
+    """Passes batches through, remembering which images were unreadable and which shards broke."""
 
     def __init__(self, batches: Iterable[Any]) -> None:
         self.batches = batches
         self.keys: list[str] = []
+        self.shard_keys: list[str] = []  # one line per truncated/unreadable shard
 
     def __iter__(self) -> Iterator[Any]:
         for b in self.batches:
             if isinstance(b, dict):
                 self.keys.extend(b.get("skipped_keys", []))
+                self.shard_keys.extend(b.get("skipped_shard_keys", []))
             yield b
+
+
+def skip_report(skipped: int, log: SkipLog) -> tuple[dict[str, Any], list[str]]:
+    """Result-JSON fields and stderr warnings for what an evaluation could not read.
+
+    Returns:
+        ``({"skipped", "skipped_examples", "skipped_shards", "skipped_shard_examples"},
+        warning lines)``.
+    """
+    extra = {
+        "skipped": skipped,
+        "skipped_examples": log.keys[:10],
+        "skipped_shards": len(log.shard_keys),
+        "skipped_shard_examples": log.shard_keys[:10],
+    }
+    lines = []
+    if skipped:
+        example = log.keys[0] if log.keys else "?"
+        lines.append(
+            f"warning: skipped {skipped} unreadable or incomplete sample(s), e.g. {example}"
+        )
+    if log.shard_keys:
+        lines.append(
+            f"warning: {len(log.shard_keys)} shard(s) truncated or unreadable, read up to the "
+            f"damage, e.g. {log.shard_keys[0]}"
+        )
+    return extra, lines

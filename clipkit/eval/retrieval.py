@@ -205,7 +205,7 @@ def retrieval(
     Returns:
         ``{"image_retrieval_recall@k", "text_retrieval_recall@k", "*_mean_rank",
         "*_median_rank", "n_images", "n_captions"}`` (+ ``"skipped"`` when images were
-        unreadable).
+        unreadable, ``"skipped_shards"`` when shards were truncated or unreadable).
 
     Raises:
         ValueError: unreadable data spec, no images, or an image without captions.
@@ -219,9 +219,21 @@ def retrieval(
             str(data), model.preprocess_eval, batch_size=batch_size, workers=workers,
             rank=rank, world_size=world,
         )  # fmt: skip
+    from clipkit.eval.cli_common import SkipLog
+
+    # Count the damaged shards the batches report on the way through; a loader prepared by
+    # Accelerate is passed as is, since embed_pairs must still recognise it.
+    log = None if is_prepared_loader(data) else SkipLog(data)
     image_emb, text_emb, t2i, skipped = embed_pairs(
-        model, data, accelerator=accelerator, device=device, progress=progress
-    )
+        model, data if log is None else log, accelerator=accelerator, device=device,
+        progress=progress,
+    )  # fmt: skip
+    skipped_shards = len(log.shard_keys) if log is not None else 0
+    if accelerator is not None and accelerator.num_processes > 1:
+        dev = image_emb.device
+        skipped_shards = int(
+            accelerator.reduce(torch.tensor(skipped_shards, device=dev), "sum").item()
+        )
     t2i_rank, i2t_rank = retrieval_ranks(
         image_emb, text_emb, t2i, chunk_elems=chunk_elems, progress=progress
     )
@@ -230,4 +242,6 @@ def retrieval(
     out["n_captions"] = float(text_emb.shape[0])
     if skipped:
         out["skipped"] = float(skipped)
+    if skipped_shards:
+        out["skipped_shards"] = float(skipped_shards)
     return out

@@ -26,6 +26,7 @@ from clipkit.eval.cli_common import (
     load_model,
     pick_device,
     result_payload,
+    skip_report,
     write_json,
 )
 
@@ -78,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     metrics = rank_metrics(t2i_rank, i2t_rank, ks)
 
+    skips, warnings = skip_report(skipped, batches)
     extra: dict[str, Any] = {
         "n_samples": int(image_emb.shape[0]),
         "n_captions": int(text_emb.shape[0]),
-        "skipped": skipped,
-        "skipped_examples": batches.keys[:10],
+        **skips,
         "seconds": round(seconds, 3),
     }
     if args.bootstrap:
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     shown = {k: v for k, v in metrics.items() if "recall@" in k}
     summary = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
     print(f"{dataset_name(args)}: {summary} -> {args.output}")
-    if skipped:
-        example = batches.keys[0] if batches.keys else "?"
-        print(f"warning: skipped {skipped} unreadable image(s), e.g. {example}", file=sys.stderr)
+    for line in warnings:
+        print(line, file=sys.stderr)
     return 0

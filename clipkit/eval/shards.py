@@ -1,15 +1,15 @@
 """Low-level pieces of the eval readers: image decoding, tar scanning, WebDataset shards, collate.
 
-The shard reader is a small streaming tar reader rather than ``webdataset``'s pipeline so the
-order is fixed (shards in the given order, samples in tar order) and a bad image is counted
-instead of ending the epoch. Samples are grouped WebDataset-style: ``dir/key.ext`` members with
-the same ``dir/key`` form one sample.
+Shards are read with :func:`clipkit.data.tar_samples.tar_samples`: a fixed order (shards in the
+given order, samples in tar order), samples grouped WebDataset-style (``dir/key.ext`` members with
+the same ``dir/key`` form one sample), and a truncated or corrupt shard is cut short and counted
+instead of ending the evaluation. A bad image is counted too. Images are decoded like the
+training data (:func:`clipkit.data.decode.open_pil`: EXIF orientation applied).
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,20 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from clipkit.data.decode import DecodeError, open_pil
+from clipkit.data.tar_samples import TarProblem, tar_samples
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def decode_image(data: bytes) -> Image.Image | None:
-    """RGB PIL image from encoded bytes, or None when the bytes are not a readable image."""
+    """RGB PIL image from encoded bytes (EXIF-rotated), or None when they are not an image."""
     if not data:
         return None
     try:
-        img = Image.open(io.BytesIO(data))
-        return img.convert("RGB")  # forces the full decode, so truncation shows up here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return open_pil(data)  # decodes fully, so a truncated image shows up here
+    except DecodeError:
         return None
 
 
@@ -114,25 +116,6 @@ def expand_shards(spec: str) -> list[str]:
     return shards
 
 
-def _samples(shard: str):
-    """Yield ``(key, {ext: bytes})`` from one tar, grouping consecutive members by key."""
-    key, fields = None, {}
-    with tarfile.open(shard, "r|*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            name = m.name.removeprefix("./")
-            stem, _, ext = name.rpartition("/")[2].partition(".")
-            k = f"{name.rpartition('/')[0]}/{stem}"
-            if k != key:
-                if key is not None:
-                    yield key, fields
-                key, fields = k, {}
-            fields[ext.lower()] = tf.extractfile(m).read()
-    if key is not None:
-        yield key, fields
-
-
 class _ShardStream(IterableDataset):
     """Shards split over ranks and workers (shard ``i`` to slot ``i % (world * workers)``)."""
 
@@ -154,12 +137,22 @@ class _ShardStream(IterableDataset):
         raise NotImplementedError
 
     def __iter__(self):
-        for shard in self._my_shards():
-            for key, fields in _samples(shard):
-                target = self._target(f"{shard}:{key}", fields)
-                data = next((fields[e] for e in _SHARD_IMAGE_KEYS if e in fields), b"")
-                img = decode_image(data)
-                yield (None if img is None else self.transform(img)), target, f"{shard}:{key}"
+        # Damaged shards come through as TarProblem items, in stream order, so the main process
+        # (where collate runs) learns about them from any DataLoader worker.
+        problems: list[TarProblem] = []
+        for sample in tar_samples(self._my_shards(), on_problem=problems.append):
+            yield from problems
+            problems.clear()
+            key = f"{sample['__url__']}:{sample['__key__']}"
+            target = self._target(key, sample)
+            data = next((sample[e] for e in _SHARD_IMAGE_KEYS if e in sample), b"")
+            img = decode_image(data)
+            yield (None if img is None else self.transform(img)), target, key
+        yield from problems
+
+
+def _names(fields: dict[str, Any]) -> list[str]:
+    return sorted(k for k in fields if not k.startswith("__"))
 
 
 class LabelledShards(_ShardStream):
@@ -167,7 +160,7 @@ class LabelledShards(_ShardStream):
 
     def _target(self, key: str, fields: dict[str, bytes]) -> int:
         if "cls" not in fields:
-            raise ValueError(f"sample {key} has no 'cls' label (fields: {sorted(fields)})")
+            raise ValueError(f"sample {key} has no 'cls' label (fields: {_names(fields)})")
         try:
             return int(fields["cls"].decode().strip())
         except ValueError:
@@ -180,25 +173,40 @@ class CaptionShards(_ShardStream):
 
     def _target(self, key: str, fields: dict[str, bytes]) -> list[str]:
         if "txt" not in fields:
-            raise ValueError(f"sample {key} has no 'txt' captions (fields: {sorted(fields)})")
+            raise ValueError(f"sample {key} has no 'txt' captions (fields: {_names(fields)})")
         caps = [c for c in fields["txt"].decode("utf-8").splitlines() if c.strip()]
         if not caps:
             raise ValueError(f"sample {key}: 'txt' holds no caption")
         return caps
 
 
-def collate(items: list[tuple[Any, Any, str]]) -> dict[str, Any]:
-    """Stack readable samples; count (and name) the unreadable ones.
+def collate(items: list[Any]) -> dict[str, Any]:
+    """Stack readable samples; count (and name) the unreadable ones and the damaged shards.
+
+    ``items`` are ``(image or None, target, key)`` tuples and :class:`TarProblem` s. An
+    incomplete sample dropped where a shard broke counts as skipped, like an unreadable image.
 
     Returns:
         ``{"image" (B,3,H,W), "cls" (B,) or "captions" list[list[str]], "skipped",
-        "skipped_keys"}``.
+        "skipped_keys", "skipped_shards", "skipped_shard_keys"}``.
     """
+    problems = [it for it in items if isinstance(it, TarProblem)]
+    items = [it for it in items if not isinstance(it, TarProblem)]
     good = [it for it in items if it[0] is not None]
     bad = [it[2] for it in items if it[0] is None]
-    out: dict[str, Any] = {"skipped": len(bad), "skipped_keys": bad}
+    bad += [f"{p.url}:{p.dropped_key}" for p in problems if p.dropped_key]
+    out: dict[str, Any] = {
+        "skipped": len(bad),
+        "skipped_keys": bad,
+        "skipped_shards": len(problems),
+        "skipped_shard_keys": [str(p) for p in problems],
+    }
     out["image"] = torch.stack([it[0] for it in good]) if good else torch.empty(0, 3, 1, 1)
-    if items and isinstance(items[0][1], list):
+    if not items:
+        # Only shard problems: the kind of set is unknown, and both evaluators skip empty batches.
+        out["cls"] = torch.empty(0, dtype=torch.long)
+        out["captions"] = []
+    elif isinstance(items[0][1], list):
         out["captions"] = [it[1] for it in good]
     else:
         out["cls"] = torch.tensor([int(it[1]) for it in good], dtype=torch.long)

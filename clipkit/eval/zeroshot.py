@@ -93,7 +93,8 @@ class Predictions:
     topk: np.ndarray  # (N, k) predicted class ids, best first; k = min(5, C)
     labels: np.ndarray  # (N,) true class ids
     num_classes: int
-    skipped: int = 0
+    skipped: int = 0  # unreadable images and incomplete samples
+    skipped_shards: int = 0  # shards cut short by truncation or corruption
 
 
 @torch.no_grad()
@@ -111,7 +112,8 @@ def predict(
     Args:
         model: a DualEncoder (``encode_image``).
         batches: iterable of ``(images (B,3,H,W), labels (B,))`` or dicts ``{"image", "cls"}``
-            (an optional ``"skipped"`` int counts unreadable images dropped from the batch).
+            (an optional ``"skipped"`` int counts unreadable images dropped from the batch, an
+            optional ``"skipped_shards"`` int the damaged shards it reports).
         classifier: ``(D, C)`` from :func:`build_zeroshot_classifier`.
         accelerator: an ``accelerate.Accelerator``; each rank embeds its own batches (a
             disjoint slice, any length) and the predictions are gathered at the end; a loader
@@ -136,10 +138,11 @@ def predict(
     # gather_for_metrics drops them. Otherwise ranks hold disjoint slices of any length:
     # gather once at the end (a per-batch collective would hang on unequal batch counts).
     per_batch = accelerator is not None and is_prepared_loader(batches)
-    tops, labels_all, skipped = [], [], 0
+    tops, labels_all, skipped, skipped_shards = [], [], 0, 0
     for batch in tqdm(batches, desc="zero-shot", disable=not progress, unit="batch"):
         images, labels, n_skip = _unpack(batch)
         skipped += n_skip
+        skipped_shards += int(batch.get("skipped_shards", 0)) if isinstance(batch, dict) else 0
         if images.shape[0] == 0:
             continue
         feats = F.normalize(model.encode_image(images.to(dev)).float(), dim=-1)  # (B, D)
@@ -156,7 +159,8 @@ def predict(
     if accelerator is not None and not per_batch:
         (top_t, lab_t), _ = gather_rows(accelerator, top_t, lab_t)
     if accelerator is not None:
-        skipped = int(accelerator.reduce(torch.tensor(skipped, device=dev), "sum").item())
+        counts = torch.tensor([skipped, skipped_shards], device=dev)
+        skipped, skipped_shards = accelerator.reduce(counts, "sum").tolist()
     if top_t.shape[0] == 0:
         raise ValueError("zero-shot evaluation: the data yielded no images")
     topk = top_t.cpu().numpy()
@@ -167,7 +171,7 @@ def predict(
             f"zero-shot evaluation: label {int(labels_np[bad][0])} is outside the "
             f"{num_classes} class names (class count differs from the data)"
         )
-    return Predictions(topk, labels_np, num_classes, skipped)
+    return Predictions(topk, labels_np, num_classes, int(skipped), int(skipped_shards))
 
 
 def classification_metrics(topk: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -240,7 +244,8 @@ def zero_shot(
 
     Returns:
         ``{"acc1", "acc5" (if C >= 5), "mean_per_class_recall", "n"}``, plus ``"skipped"`` when
-        the batches report unreadable images, plus per-class recalls when asked.
+        the batches report unreadable images, ``"skipped_shards"`` when they report truncated or
+        unreadable shards, plus per-class recalls when asked.
 
     Raises:
         ValueError: bad templates, labels outside the class names, or no images.
@@ -260,6 +265,8 @@ def zero_shot(
     out["n"] = float(len(preds.labels))
     if preds.skipped:
         out["skipped"] = float(preds.skipped)
+    if preds.skipped_shards:
+        out["skipped_shards"] = float(preds.skipped_shards)
     if per_class:
         recall, _ = per_class_recall(preds.topk[:, 0], preds.labels, len(classnames))
         for name, r in zip(classnames, recall):

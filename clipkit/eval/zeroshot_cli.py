@@ -27,6 +27,7 @@ from clipkit.eval.cli_common import (
     load_model,
     pick_device,
     result_payload,
+    skip_report,
     write_json,
 )
 
@@ -109,10 +110,10 @@ def run(args: argparse.Namespace) -> int:
 
     c = len(classnames)
     metrics = classification_metrics(preds.topk, preds.labels, c)
+    skips, warnings = skip_report(preds.skipped, batches)
     extra: dict[str, Any] = {
         "n_samples": int(len(preds.labels)),
-        "skipped": preds.skipped,
-        "skipped_examples": batches.keys[:10],
+        **skips,
         "n_classes": c,
         "n_templates": len(templates),
         "seconds": round(seconds, 3),
@@ -137,9 +138,6 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.output, result_payload(args, "zeroshot_classification", metrics, **extra))
     summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"{dataset_name(args)}: {summary} n={extra['n_samples']} -> {args.output}")
-    if preds.skipped:
-        print(
-            f"warning: skipped {preds.skipped} unreadable image(s), e.g. {batches.keys[0]}",
-            file=sys.stderr,
-        )
+    for line in warnings:
+        print(line, file=sys.stderr)
     return 0
