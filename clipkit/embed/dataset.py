@@ -15,6 +15,10 @@ The manifest also records a fingerprint of the input (file names, sizes, modifie
 a caption file, a hash of its first MiB). A rerun resumes only when input, fingerprint, model,
 modality and partition size all match; otherwise it stops, because finished partitions of the
 old input would silently mix with new ones. ``overwrite=True`` deletes the old partitions first.
+
+For shards, the manifest also counts the shards cut short by truncation or corruption
+(``skipped_shards``, read up to the damage, with ``skipped_shard_examples``) and the incomplete
+samples dropped there (``incomplete_samples``; they never become records, so take no id).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from clipkit.data.tar_samples import TarStats
 from clipkit.embed.embedder import Embedder, load_image
 from clipkit.embed.sources import IMAGE_EXTS, Record, detect_kind, iter_records, shard_urls
 
@@ -209,10 +214,12 @@ def embed_dataset(
     if partition_size < 1:
         raise ValueError(f"partition_size must be >= 1, got {partition_size}")
     kind = detect_kind(input_spec) if kind == "auto" else kind
-    records = iter_records(input_spec, kind)
+    stats = TarStats()
+    records = iter_records(input_spec, kind, stats)
     first = next(records, None)
     if first is None:
-        raise ValueError(f"input '{input_spec}': no records")
+        damage = f" ({stats.problems[0]})" if stats.problems else ""
+        raise ValueError(f"input '{input_spec}': no records{damage}")
     if modality == "auto":
         modality = "image" if kind == "folder" else "text" if first.image is None else "both"
     if modality in ("image", "both") and first.image is None:
@@ -232,7 +239,7 @@ def embed_dataset(
     manifest["partitions"] = _prepare_output(out, manifest, overwrite)
     mpath = out / MANIFEST
     # Written before the first partition, so partition files never exist without a manifest.
-    mpath.write_text(json.dumps(manifest, indent=2))
+    _write_manifest(mpath, manifest, stats)
     from tqdm import tqdm
 
     stream = itertools.chain([first], records)
@@ -267,12 +274,21 @@ def embed_dataset(
             "kept": len(kept),
             "skipped": skipped,
         }
-        mpath.write_text(json.dumps(manifest, indent=2))
+        _write_manifest(mpath, manifest, stats)
         bar.update(len(chunk))
     bar.close()
     manifest["complete"] = True
-    mpath.write_text(json.dumps(manifest, indent=2))
+    _write_manifest(mpath, manifest, stats)
     return manifest
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any], stats: TarStats) -> None:
+    """Write ``manifest`` with the shard damage counted so far (shard inputs only)."""
+    if manifest["kind"] == "shards":
+        manifest["skipped_shards"] = stats.skipped_shards
+        manifest["incomplete_samples"] = stats.partial_samples
+        manifest["skipped_shard_examples"] = [str(p) for p in stats.problems[:10]]
+    path.write_text(json.dumps(manifest, indent=2))
 
 
 def _prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:

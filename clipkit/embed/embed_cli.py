@@ -63,5 +63,8 @@ def run(args: argparse.Namespace) -> int:
         "skipped": sum(p["skipped"] for p in parts),
         "model_id": man["model"]["model_id"],
     }
+    if "skipped_shards" in man:  # shard inputs: truncated/unreadable shards, dropped samples
+        summary["skipped_shards"] = man["skipped_shards"]
+        summary["incomplete_samples"] = man["incomplete_samples"]
     print(json.dumps(summary))
     return 0

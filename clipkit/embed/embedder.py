@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipkit.data.decode import DecodeError, open_pil, to_rgb
 from clipkit.models import DualEncoder, build_dual_encoder, load_dual_encoder
 from clipkit.models.dual_encoder import EXPORT_CONFIG
 
@@ -42,33 +43,52 @@ def model_fingerprint(model: DualEncoder) -> str:
 def load_image(item: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> Any:
     """Open one image given as a path, PIL image, encoded bytes or uint8 array, as RGB.
 
+    Encoded images (paths, bytes) are decoded like the training data
+    (:func:`clipkit.data.decode.open_pil`): EXIF orientation applied, any mode to RGB.
+
     Raises:
         ValueError: not decodable, too many pixels, or an unsupported type; names ``what``.
     """
-    if isinstance(item, Image.Image):
-        img = item
-    elif isinstance(item, np.ndarray):
-        if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+    if isinstance(item, Image.Image | np.ndarray):
+        if isinstance(item, Image.Image):
+            img = item  # as the caller has it: no EXIF rotation on decoded images
+        elif item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
             raise ValueError(f"{what}: array must be (H, W) or (H, W, 1|3|4), got {item.shape}")
-        arr = item if item.dtype == np.uint8 else np.clip(item * 255.0, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-    elif isinstance(item, bytes | bytearray | memoryview | str | Path):
-        src = io.BytesIO(bytes(item)) if isinstance(item, bytes | bytearray | memoryview) else item
-        if not isinstance(src, io.BytesIO) and not Path(src).is_file():
-            raise ValueError(f"{what}: file not found: {src}")
+        else:
+            arr = item if item.dtype == np.uint8 else np.clip(item * 255.0, 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+        _check_pixels(img.size, max_pixels, what)
         try:
-            img = Image.open(src)
-        except Exception as err:  # PIL raises several types for bad data
-            raise ValueError(f"{what}: not a readable image ({type(err).__name__})") from None
-    else:
+            return to_rgb(img)  # a lazily opened PIL image decodes here
+        except Exception as err:
+            raise ValueError(f"{what}: cannot decode image ({type(err).__name__}: {err})") from None
+    if not isinstance(item, bytes | bytearray | memoryview | str | Path):
         raise ValueError(f"{what}: unsupported type {type(item).__name__}")
-    w, h = img.size
+    if isinstance(item, str | Path):
+        if not Path(item).is_file():
+            raise ValueError(f"{what}: file not found: {item}")
+        try:
+            data = Path(item).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{what}: cannot read {item} ({err.strerror})") from None
+    else:
+        data = bytes(item)
+    try:
+        head = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception as err:  # PIL raises several types for bad data
+        raise ValueError(f"{what}: not a readable image ({type(err).__name__})") from None
+    # Checked on the header, before decoding: the limit guards against decompression bombs.
+    _check_pixels(head.size, max_pixels, what)
+    try:
+        return open_pil(data)
+    except DecodeError as err:
+        raise ValueError(f"{what}: cannot decode image ({err})") from None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    w, h = size
     if w * h > max_pixels:
         raise ValueError(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-    try:
-        return img.convert("RGB")
-    except Exception as err:
-        raise ValueError(f"{what}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:

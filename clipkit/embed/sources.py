@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipkit.data.tar_samples import TarStats, tar_samples
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 PATH_COLUMNS = ("filepath", "path", "image", "file", "filename")
 CAPTION_COLUMNS = ("title", "caption", "text", "txt", "sentence")
@@ -75,13 +77,16 @@ def _meta_value(v: Any) -> Any:
 
 
 def iter_shards(
-    spec: str, caption_keys: tuple[str, ...] = ("txt", "text", "caption")
+    spec: str,
+    caption_keys: tuple[str, ...] = ("txt", "text", "caption"),
+    stats: TarStats | None = None,
 ) -> Iterator[Record]:
-    """Records from webdataset tars, shard by shard in sorted order, samples in tar order."""
-    import webdataset as wds
+    """Records from webdataset tars, shard by shard in sorted order, samples in tar order.
 
-    ds = wds.WebDataset(shard_urls(spec), shardshuffle=False, empty_check=False)
-    for i, s in enumerate(ds):
+    A truncated or corrupt shard is read up to the damage and counted in ``stats`` (see
+    :func:`clipkit.data.tar_samples.tar_samples`); the records after it keep consecutive ids.
+    """
+    for i, s in enumerate(tar_samples(shard_urls(spec), stats)):
         img = next((s[k] for k in IMAGE_EXTS_KEYS if k in s), None)
         cap = next((s[k] for k in caption_keys if k in s), None)
         meta = {}
@@ -166,8 +171,10 @@ def iter_captions(path: str) -> Iterator[Record]:
         yield Record(i, key, image=str(img), caption=caps[0], path=str(img), meta=meta)
 
 
-def iter_records(spec: str, kind: str = "auto") -> Iterator[Record]:
+def iter_records(spec: str, kind: str = "auto", stats: TarStats | None = None) -> Iterator[Record]:
     """Records of ``spec`` read as ``kind`` (``auto`` detects it).
+
+    ``stats`` counts the truncated/unreadable shards of a ``shards`` input.
 
     Raises:
         ValueError: unknown kind or unreadable input.
@@ -176,7 +183,7 @@ def iter_records(spec: str, kind: str = "auto") -> Iterator[Record]:
         raise ValueError(f"unknown input kind '{kind}'; valid: {', '.join(SOURCE_KINDS)}")
     kind = detect_kind(spec) if kind == "auto" else kind
     if kind == "shards":
-        return iter_shards(spec)
+        return iter_shards(spec, stats=stats)
     if kind == "folder":
         if not Path(spec).expanduser().is_dir():
             raise ValueError(f"input '{spec}': not a folder")
