@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,3 +41,43 @@ def _few_threads():
     torch.set_num_threads(min(prev, 2))
     yield
     torch.set_num_threads(prev)
+
+
+def _free_port() -> int:
+    """A port nobody listens on now: fixed ports collide when test runs overlap on one host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``script *args`` under ``torch.distributed.run`` with ``nproc`` local CPU processes.
+
+    One thread per process (2 cores, N processes), a free rendezvous port on 127.0.0.1, extra
+    ``env`` on top of this process's environment. Fails the test with the tail of stderr when the
+    launch exits non-zero.
+    """
+
+    def run(
+        script: str | Path,
+        *args: object,
+        nproc: int = 2,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        timeout: int = 300,
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+            *("--master_addr", "127.0.0.1", "--master_port", str(_free_port())),
+            str(script),
+            *(str(a) for a in args),
+        ]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    return run

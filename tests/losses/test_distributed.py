@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +11,9 @@ WORKER = Path(__file__).with_name("dist_loss_worker.py")
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_global_batch(tmp_path):
+def test_two_processes_equal_one_global_batch(tmp_path, torchrun):
     out = tmp_path / "errors.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", "29741", str(WORKER), str(out),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(WORKER, out)
     worst = json.loads(out.read_text())
     expected = {
         "infonce", "infonce_hardneg_smooth", "simcse_hardneg_fixed_temp",

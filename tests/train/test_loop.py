@@ -129,18 +129,14 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, cache, capsys):
 
 
 @pytest.mark.slow
-def test_two_process_run_trains_evaluates_checkpoints(tmp_path, cache):
+def test_two_process_run_trains_evaluates_checkpoints(tmp_path, cache, torchrun):
     """2 CPU processes (torchrun + gloo; Accelerate reads the environment), end to end."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
-        *("--master_addr", "127.0.0.1", "--master_port", "29533"),
-        str(REPO / "scripts" / "train.py"),
+    torchrun(
+        REPO / "scripts" / "train.py",
         *_common(tmp_path, cache, "ddp"),
         *("train.max_steps=4", "train.batch_size=32", "train.torch_threads=1"),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+        timeout=600,
+    )
     run = tmp_path / "ddp"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 4 and metrics["samples_seen"] == 4 * 32 * 2

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -128,42 +125,26 @@ def test_shared_loop_run_exports_sentence_transformers(files, tmp_path):
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-6)
 
 
-def _grads(tmp_path: Path, files, nproc: int, accum: int) -> dict:
+def _grads(tmp_path: Path, files, nproc: int, accum: int, torchrun=None) -> dict:
     out = tmp_path / f"g{nproc}_{accum}.pt"
     if nproc == 1:  # no launcher needed: saves a process start on 2 busy cores
         from simcse_dist_worker import main
 
         main(str(out), str(files["bert0"]), str(files["sup"]), 16, accum)
         return torch.load(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(29700 + nproc * 10 + accum),
-        str(WORKER),
-        str(out),
-        str(files["bert0"]),
-        str(files["sup"]),
-        "16",
-        str(accum),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(
+        WORKER, out, files["bert0"], files["sup"], 16, accum,
+        nproc=nproc, env={"HF_HUB_OFFLINE": "1"}, cwd=REPO,
+    )  # fmt: skip
     return torch.load(out)
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(files, tmp_path):
+def test_two_processes_equal_one(files, tmp_path, torchrun):
     # Dropout off (bert0): masks cannot match across different batch splits.
     one = _grads(tmp_path, files, 1, 1)
-    two = _grads(tmp_path, files, 2, 1)
-    two_acc = _grads(tmp_path, files, 2, 2)  # 2 processes x 2 GradCache micro-batches
+    two = _grads(tmp_path, files, 2, 1, torchrun)
+    two_acc = _grads(tmp_path, files, 2, 2, torchrun)  # 2 processes x 2 GradCache micro-batches
     assert one.keys() == two.keys() and len(one) > 10
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -1,8 +1,5 @@
 """Multi-process exactness: N gloo processes give one process's global-batch gradients."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,32 +8,17 @@ import torch
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _run(tmp_path: Path, nproc: int) -> dict:
+def _run(tmp_path: Path, nproc: int, torchrun) -> dict:
     out = tmp_path / f"grads_{nproc}.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(29600 + nproc),
-        str(WORKER),
-        str(out),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(WORKER, out, nproc=nproc)
     return torch.load(out)
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(tmp_path, torchrun):
     """InfoNCE and SigLIP; 2 processes x 1 micro-batch and x 2 GradCache micro-batches."""
-    one = _run(tmp_path, 1)
-    two = _run(tmp_path, 2)
+    one = _run(tmp_path, 1, torchrun)
+    two = _run(tmp_path, 2, torchrun)
     assert one.keys() == two.keys() == {"infonce/1", "infonce/2", "siglip/1", "siglip/2"}
     for case in one:
         ref = one[case.split("/")[0] + "/1"]  # one process, whole batch, no accumulation
