@@ -54,14 +54,21 @@ def is_url(path: str) -> bool:
     return bool(_URL.match(path)) and not re.match(r"^[a-zA-Z]:[\\/]", path)
 
 
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+
+
 def tar_end_ok(path: str) -> bool:
     """True when a local tar ends with its end-of-archive marker (two zero blocks).
 
     Python's streaming tar reader takes a file cut at a header boundary for a clean end, so a
-    truncated shard would otherwise lose its tail silently.
+    truncated shard would otherwise lose its tail silently. Compressed tars (.tar.gz, ...) are
+    not checked here (True): a cut one fails in its decompressor, which the readers count.
     """
     try:
         size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if f.read(6).startswith(COMPRESSED_MAGIC):
+                return True
         if size < 1024 or size % 512:
             return False
         with open(path, "rb") as f:

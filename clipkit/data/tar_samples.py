@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipkit.data.shards import tar_end_ok
+from clipkit.data.shards import COMPRESSED_MAGIC, tar_end_ok
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ UNREADABLE = "unreadable"
 # webdataset's rules, so keys and fields match what its readers produce:
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key = path up to the first dot of the name
 _META = re.compile(r"__[^/]*__($|/)")  # metadata members (__index__ ...) carry no sample
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 # What a damaged tar (or its decompressor) raises; anything else is a bug and propagates.
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
 
@@ -137,7 +136,7 @@ def _shard(
     reading = ""  # member whose data is being read, to name it when the file ends inside it
     try:
         with open(url, "rb") as f:
-            plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
+            plain = not f.read(6).startswith(COMPRESSED_MAGIC)
             f.seek(0)
             with tarfile.open(fileobj=f, mode="r|*") as tf:
                 for member in tf:

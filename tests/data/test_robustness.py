@@ -145,3 +145,20 @@ def test_tar_cut_at_a_header_boundary_is_counted(tmp_path, photos):
     keys = [k for b in loader for k in b["key"]]
     assert keys == ["000", "001", "002", "003"]
     assert loader.stats["truncated_shard"] == 1
+
+
+def test_gzip_shard_is_not_called_truncated_but_a_cut_one_is(tmp_path, photos):
+    import gzip
+
+    with wds.TarWriter(str(tmp_path / "a.tar")) as tw:
+        for i in range(6):
+            tw.write({"__key__": f"{i:03d}", "jpg": photos[i], "txt": f"c {i}"})
+    packed = gzip.compress((tmp_path / "a.tar").read_bytes())
+    (tmp_path / "a.tar.gz").write_bytes(packed)
+    loader = build_eval_loader(str(tmp_path / "a.tar.gz"), 16, (0.5,) * 3, (0.5,) * 3, 4)
+    assert [k for b in loader for k in b["key"]] == [f"{i:03d}" for i in range(6)]
+    assert loader.stats["truncated_shard"] == 0
+    (tmp_path / "cut.tar.gz").write_bytes(packed[: len(packed) // 2])  # decompressor fails
+    loader = build_eval_loader(str(tmp_path / "cut.tar.gz"), 16, (0.5,) * 3, (0.5,) * 3, 4)
+    assert len([k for b in loader for k in b["key"]]) < 6
+    assert loader.stats["truncated_shard"] + loader.stats["tar_error"] == 1
