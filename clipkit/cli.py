@@ -29,9 +29,25 @@ class CLIError(Exception):
 
 Leaves = dict[tuple[str, ...], argparse.ArgumentParser]
 
+DESCRIPTION = "clipkit: train, evaluate and serve CLIP-style dual encoders."
+EPILOG = """\
+a typical session:
+  clipkit train --config configs/default.yaml train.epochs=5
+  clipkit eval zeroshot --model runs/digits/export --data cifar10/test.tar --classnames cifar10
+  clipkit embed --model runs/digits --input 'shards/{00000..00009}.tar' --output emb/
+  clipkit index --embeddings emb/ --output emb/index --audit 200
+  clipkit serve --model runs/digits --index emb/index --port 8000
+
+'clipkit COMMAND --help' shows a command's options and examples."""
+
 
 def _build_parser() -> tuple[argparse.ArgumentParser, Leaves]:
-    parser = argparse.ArgumentParser(prog="clipkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="clipkit",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     leaves: Leaves = {}
@@ -63,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         name = " ".join(key)
         print(f"clipkit {name}: unavailable ({err}); install the extra it needs", file=sys.stderr)
         return 2
-    module.add_arguments(leaves[key])
+    leaf = leaves[key]
+    if module.__doc__:  # the module docstring holds the command's long help and examples
+        leaf.description = module.__doc__.strip().replace("``", "")
+        leaf.formatter_class = argparse.RawDescriptionHelpFormatter
+    module.add_arguments(leaf)
     args = parser.parse_args(argv)
     try:
         return int(module.run(args) or 0)
