@@ -164,6 +164,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if ckpt is None:
         data.set_epoch(epoch)  # a resumed loader already sits at its saved epoch and position
     batches = iter(data)
+    # A resumed loader may sit at the very end of its epoch; only a full epoch must yield.
+    got_in_epoch, full_epoch = 0, ckpt is None
     t_last, wait_time, step_time, last_logged = time.perf_counter(), 0.0, 0.0, step
     while step < total_steps:
         # Gather this step's micro-batches, rolling into the next epoch when one ends.
@@ -172,7 +174,16 @@ def train(cfg: Config) -> dict[str, Any]:
         while len(micro) < accum:
             try:
                 micro.append(next(batches))
+                got_in_epoch += 1
             except StopIteration:
+                if full_epoch and got_in_epoch == 0:
+                    # Every sample was skipped: rolling on would spin through empty epochs forever.
+                    skips = {k: v for k, v in getattr(data, "stats", {}).items() if v}
+                    raise ValueError(
+                        f"data: epoch {epoch} gave process {accelerator.process_index} no usable "
+                        f"batch (skipped: {skips or 'nothing'}); check data.train"
+                    ) from None
+                got_in_epoch, full_epoch = 0, True
                 epoch += 1
                 data.set_epoch(epoch)
                 batches = iter(data)

@@ -144,3 +144,25 @@ def test_two_process_run_trains_evaluates_checkpoints(tmp_path, cache, torchrun)
     state = json.loads((run / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
     assert len(state["data"]) == 2  # one data position per rank
     assert (run / "export" / "open_clip_model.safetensors").is_file()
+
+
+def test_all_corrupt_data_fails_instead_of_spinning(tmp_path):
+    """Every image unreadable: one error line, not an endless roll through empty epochs."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "g.tar")) as tw:
+        for i in range(40):
+            tw.write({"__key__": f"{i:04d}", "jpg": b"not an image" * 10, "txt": "a caption"})
+    cmd = [
+        *(sys.executable, str(REPO / "scripts" / "train.py"), "data.builtin="),
+        *(f"data.train={tmp_path / 'g.tar'}", "data.num_samples=40", "train.max_steps=2"),
+        *(f"train.output_dir={tmp_path / 'run'}", "train.batch_size=8", "train.trackers=[]"),
+        *("eval.every=0", "data.workers=0"),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a hang fails here
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert err == [
+        "error: data: epoch 0 gave process 0 no usable batch "
+        "(skipped: {'corrupt_image': 40}); check data.train"
+    ]
