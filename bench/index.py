@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--data", default="random", choices=["random", "lowrank"])
     ap.add_argument("--rank", type=int, default=32, help="lowrank: signal dimension")
     ap.add_argument("--noise", type=float, default=0.1, help="lowrank: isotropic noise energy")
+    ap.add_argument("--storage", default="float16", choices=["float16", "float32"])
     ap.add_argument("--cache", default=None, help="folder to keep/reuse the built HNSW index")
     a = ap.parse_args()
     import faiss
@@ -124,7 +125,7 @@ def main() -> None:
         f"background {sample.mean():.3f} +- {sample.std():.3f}",
         flush=True,
     )
-    tag = f"{a.data}-{a.n}-{a.dim}-m{a.m}-efc{a.ef_construction}"
+    tag = f"{a.data}-{a.n}-{a.dim}-m{a.m}-efc{a.ef_construction}-{a.storage}"
     if a.data == "lowrank":
         tag += f"-r{a.rank}-z{a.noise}"
     cached = a.cache and (Path(a.cache) / "index.json").is_file()
@@ -135,7 +136,12 @@ def main() -> None:
     else:
         how = "build"
         idx = Index.build(
-            x, kind="hnsw", hnsw_m=a.m, ef_construction=a.ef_construction, progress=True
+            x,
+            kind="hnsw",
+            hnsw_m=a.m,
+            ef_construction=a.ef_construction,
+            hnsw_storage=a.storage,
+            progress=True,
         )
         build_s = time.perf_counter() - t
         if a.cache:
@@ -143,7 +149,8 @@ def main() -> None:
             idx.save(a.cache)
     m2 = rss_mb()
     print(
-        f"n={a.n} dim={a.dim}: vectors {m1 - m0:.0f} MiB, HNSW(M={a.m}, efC={a.ef_construction}) "
+        f"n={a.n} dim={a.dim}: vectors {m1 - m0:.0f} MiB, HNSW(M={a.m}, efC={a.ef_construction}, "
+        f"{a.storage}) "
         f"{how} {build_s:.1f} s, index +{m2 - m1:.0f} MiB RSS; numpy exact {flat_ms:.1f} ms/query",
         flush=True,
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from clipkit.embed.index import KINDS, Index
+from clipkit.embed.index import HNSW_STORAGE, KINDS, Index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", default="image", choices=["image", "text"])
     parser.add_argument("--kind", default="auto", choices=KINDS)
     parser.add_argument("--memory-budget-gb", type=float, default=8.0)
+    parser.add_argument(
+        "--hnsw-storage",
+        default="float16",
+        choices=HNSW_STORAGE,
+        help="how HNSW keeps the vectors (float16: half the memory, faster queries)",
+    )
     parser.add_argument(
         "--add", action="store_true", help="add vectors not yet indexed to an existing index"
     )
@@ -227,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             kind=args.kind,
             model=model,
             memory_budget_gb=args.memory_budget_gb,
+            hnsw_storage=args.hnsw_storage,
             progress=True,
         )
     if new.any():

@@ -75,3 +75,26 @@ def test_choose_kind_by_size_and_budget() -> None:
     assert choose_kind(1_000_000, 512, 8 * gb) == "hnsw"
     assert choose_kind(1_000_000, 512, gb) == "ivfpq"
     assert recall_at_k(np.array([[1, 2]]), np.array([[2, 3]])) == 0.5
+
+
+def test_hnsw_storage_float16_default_half_size_same_neighbours(tmp_path) -> None:
+    x, q = unit(2000, d=64, seed=5), unit(30, d=64, seed=6)
+    half = Index.build(x, kind="hnsw")
+    full = Index.build(x, kind="hnsw", hnsw_storage="float32")
+    assert half.info["hnsw_storage"] == "float16" and full.info["hnsw_storage"] == "float32"
+    for idx in (half, full):
+        idx.set_search_params(ef_search=2000)  # exhaustive: compares storage, not the graph
+    hs, hi = half.search(q, 10)
+    fs, fi = full.search(q, 10)
+    assert recall_at_k(hi, fi) >= 0.99
+    np.testing.assert_allclose(hs, fs, atol=2e-3)  # float16 vectors: ~1e-3 score error
+    half.save(tmp_path / "h")
+    full.save(tmp_path / "f")
+    h_bytes = (tmp_path / "h" / "index.faiss").stat().st_size
+    f_bytes = (tmp_path / "f" / "index.faiss").stat().st_size
+    saved = 2000 * 64 * 2  # 2 of the 4 bytes of every stored component; the graph is the same
+    assert abs((f_bytes - h_bytes) - saved) < 0.01 * saved, (f_bytes, h_bytes)
+    back = Index.load(tmp_path / "h")
+    np.testing.assert_array_equal(back.search(q, 10)[1], hi)
+    with pytest.raises(ValueError, match="unknown HNSW storage 'int4'"):
+        Index.build(x, kind="hnsw", hnsw_storage="int4")
