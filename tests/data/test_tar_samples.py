@@ -5,11 +5,11 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import tarfile
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+from tar_helpers import write_plain_tar
 
 from clipkit.data.decode import DecodeError, open_pil
 from clipkit.data.tar_samples import TRUNCATED, UNREADABLE, TarStats, tar_samples
@@ -19,18 +19,6 @@ def _jpeg(i: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (24, 16), (10 * i, 255 - 10 * i, 7 * i)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> list[int]:
-    """Write a plain tar; returns the byte offset where each member (header + data) ends."""
-    ends = []
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-            ends.append(tf.offset)
-    return ends
 
 
 def _labelled(n: int, bad: int | None = None) -> list[tuple[str, bytes]]:
@@ -63,7 +51,7 @@ def test_good_tars_match_webdataset(tmp_path) -> None:
         ("d/b.jpg", _jpeg(2)),
         ("d/b.cls", b"2"),
     ]
-    _write_tar(tmp_path / "0.tar", members)
+    write_plain_tar(tmp_path / "0.tar", members)
     ours = list(tar_samples([tmp_path / "0.tar"]))
     theirs = list(wds.tarfile_samples([{"url": str(tmp_path / "0.tar")}]))
     assert [s["__key__"] for s in ours] == ["d/a", "d/b"]
@@ -81,10 +69,10 @@ def test_good_tars_match_webdataset(tmp_path) -> None:
 
 
 def test_truncated_mid_member_keeps_what_came_before(tmp_path, caplog) -> None:
-    ends = _write_tar(tmp_path / "0.tar", _labelled(5))
+    ends = write_plain_tar(tmp_path / "0.tar", _labelled(5))
     # Inside the data of s003.jpg (member 6): s000..s002 are whole.
     _cut(tmp_path / "0.tar", ends[5] + 512 + 100)
-    _write_tar(tmp_path / "1.tar", _labelled(2))
+    write_plain_tar(tmp_path / "1.tar", _labelled(2))
     with caplog.at_level(logging.WARNING, logger="clipkit.data.tar_samples"):
         keys, stats = _read([tmp_path / "0.tar", tmp_path / "1.tar"])
     assert keys == ["s000", "s001", "s002", "s000", "s001"]
@@ -96,7 +84,7 @@ def test_truncated_mid_member_keeps_what_came_before(tmp_path, caplog) -> None:
     [rec] = caplog.records
     assert str(tmp_path / "0.tar") in rec.getMessage() and "\n" not in rec.getMessage()
     # Inside the data of s003.cls: s003's JPEG was read, but the sample is incomplete.
-    ends = _write_tar(tmp_path / "2.tar", _labelled(5))
+    ends = write_plain_tar(tmp_path / "2.tar", _labelled(5))
     _cut(tmp_path / "2.tar", ends[6] + 100)
     keys, stats = _read([tmp_path / "2.tar"])
     assert keys == ["s000", "s001", "s002"]
@@ -106,27 +94,27 @@ def test_truncated_mid_member_keeps_what_came_before(tmp_path, caplog) -> None:
 
 def test_cut_between_members_is_counted(tmp_path) -> None:
     # Exactly at a sample boundary, end-of-archive blocks dropped: every sample is whole.
-    ends = _write_tar(tmp_path / "0.tar", _labelled(4))
+    ends = write_plain_tar(tmp_path / "0.tar", _labelled(4))
     _cut(tmp_path / "0.tar", ends[-1])
     keys, stats = _read([tmp_path / "0.tar"])
     assert keys == ["s000", "s001", "s002", "s003"]
     assert (stats.truncated_shards, stats.partial_samples) == (1, 0)
     assert "no end-of-archive marker" in stats.problems[0].reason
     # Between the .jpg and the .cls of s002: s002 lacks its label and is dropped.
-    ends = _write_tar(tmp_path / "1.tar", _labelled(4))
+    ends = write_plain_tar(tmp_path / "1.tar", _labelled(4))
     _cut(tmp_path / "1.tar", ends[4])
     keys, stats = _read([tmp_path / "1.tar"])
     assert keys == ["s000", "s001"]
     assert (stats.samples, stats.truncated_shards, stats.partial_samples) == (2, 1, 1)
     # Inside the next header.
-    ends = _write_tar(tmp_path / "2.tar", _labelled(4))
+    ends = write_plain_tar(tmp_path / "2.tar", _labelled(4))
     _cut(tmp_path / "2.tar", ends[3] + 200)
     keys, stats = _read([tmp_path / "2.tar"])
     assert keys == ["s000", "s001"] and stats.truncated_shards == 1
 
 
 def test_garbage_image_is_a_sample_for_the_decoder_to_skip(tmp_path) -> None:
-    _write_tar(tmp_path / "0.tar", _labelled(4, bad=2))
+    write_plain_tar(tmp_path / "0.tar", _labelled(4, bad=2))
     samples = list(tar_samples([tmp_path / "0.tar"]))
     assert len(samples) == 4
     decoded = []
@@ -139,11 +127,11 @@ def test_garbage_image_is_a_sample_for_the_decoder_to_skip(tmp_path) -> None:
 
 
 def test_unreadable_shards_never_raise(tmp_path) -> None:
-    _write_tar(tmp_path / "good.tar", _labelled(2))
+    write_plain_tar(tmp_path / "good.tar", _labelled(2))
     (tmp_path / "garbage.tar").write_bytes(b"definitely not a tar " * 100)
     (tmp_path / "empty.tar").write_bytes(b"")
     # An invalid header after two samples; the file still ends with zero blocks.
-    ends = _write_tar(tmp_path / "badhdr.tar", _labelled(3))
+    ends = write_plain_tar(tmp_path / "badhdr.tar", _labelled(3))
     raw = bytearray((tmp_path / "badhdr.tar").read_bytes())
     raw[ends[3] : ends[3] + 512] = b"\x01" * 512
     (tmp_path / "badhdr.tar").write_bytes(bytes(raw))

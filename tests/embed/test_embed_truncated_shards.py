@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tar_helpers import write_plain_tar
 
 from clipkit.cli import main
 from clipkit.embed.dataset import embed_dataset, load_embeddings
@@ -26,18 +26,6 @@ def _jpeg(i: int, size=(48, 32), orientation: int = 1) -> bytes:
     img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     img.save(buf, format="JPEG", exif=exif.tobytes())
     return buf.getvalue()
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> list[int]:
-    """Write a plain tar; returns the byte offset where each member (header + data) ends."""
-    ends = []
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-            ends.append(tf.offset)
-    return ends
 
 
 def _samples(shard: int, n: int, bad: int | None = None) -> list[tuple[str, bytes]]:
@@ -57,10 +45,10 @@ def _damaged_shards(root: Path) -> Path:
     half sample 2_003 is dropped before it gets an id.
     """
     root.mkdir()
-    _write_tar(root / "shard-000.tar", _samples(0, 4, bad=1))
-    ends = _write_tar(root / "shard-001.tar", _samples(1, 4))
+    write_plain_tar(root / "shard-000.tar", _samples(0, 4, bad=1))
+    ends = write_plain_tar(root / "shard-001.tar", _samples(1, 4))
     (root / "shard-001.tar").write_bytes((root / "shard-001.tar").read_bytes()[: ends[3] + 600])
-    ends = _write_tar(root / "shard-002.tar", _samples(2, 4))
+    ends = write_plain_tar(root / "shard-002.tar", _samples(2, 4))
     (root / "shard-002.tar").write_bytes((root / "shard-002.tar").read_bytes()[: ends[6]])
     return root
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from tar_helpers import write_plain_tar
 
 from clipkit.cli import main
 from clipkit.eval import retrieval, zero_shot
@@ -27,18 +27,6 @@ def _jpeg(colour: tuple[int, int, int], size=(32, 32), orientation: int = 1) -> 
         exif[0x0112] = orientation
     Image.new("RGB", size, colour).save(buf, format="JPEG", exif=exif.tobytes())
     return buf.getvalue()
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> list[int]:
-    """Write a plain tar; returns the byte offset where each member (header + data) ends."""
-    ends = []
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-            ends.append(tf.offset)
-    return ends
 
 
 def _samples(n: int, second: str = "cls", bad: int | None = None) -> list[tuple[str, bytes]]:
@@ -61,10 +49,10 @@ def _damaged_shards(root: Path, second: str = "cls") -> Path:
     The reader yields 4 + 2 + 3 samples; 8 decode; s001 and the half sample s003 are skipped.
     """
     root.mkdir()
-    _write_tar(root / "0.tar", _samples(4, second, bad=1))
-    ends = _write_tar(root / "1.tar", _samples(4, second))
+    write_plain_tar(root / "0.tar", _samples(4, second, bad=1))
+    ends = write_plain_tar(root / "1.tar", _samples(4, second))
     (root / "1.tar").write_bytes((root / "1.tar").read_bytes()[: ends[3] + 512 + 200])
-    ends = _write_tar(root / "2.tar", _samples(4, second))
+    ends = write_plain_tar(root / "2.tar", _samples(4, second))
     (root / "2.tar").write_bytes((root / "2.tar").read_bytes()[: ends[6]])
     return root
 
@@ -82,7 +70,7 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_shards_decode_exif_rotated(tmp_path) -> None:
-    _write_tar(
+    write_plain_tar(
         tmp_path / "0.tar",
         [("a.jpg", _jpeg((9, 9, 9), (40, 20), orientation=6)), ("a.cls", b"0")],
     )
