@@ -17,7 +17,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from index import lowrank_vectors  # noqa: E402
+
+from clipkit.embed.index import exact_search, recall_at_k  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +35,7 @@ def main() -> None:
 
     x = lowrank_vectors(a.n, a.dim, 3, 32, 0.1)
     q = lowrank_vectors(a.queries, a.dim, 4, 32, 0.1)
-    truth = np.argsort(-(q @ x.T), axis=1)[:, :10]  # (Q, 10)
+    _, truth = exact_search(x, q, 10)  # (Q, 10)
     sq = faiss.ScalarQuantizer
     print(f"faiss {faiss.__version__}; lowrank vectors n={a.n} d={a.dim}; M=32")
     print("| storage | build s | efSearch | recall@10 | p50 ms | distances/query |")
@@ -59,7 +62,7 @@ def main() -> None:
                 t = time.perf_counter()
                 found.append(idx.search(q[i : i + 1], 10)[1][0])
                 lat.append(1000 * (time.perf_counter() - t))
-            rec = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+            rec = recall_at_k(np.asarray(found), truth)
             nd = faiss.cvar.hnsw_stats.ndis / len(q)
             print(f"| {name} | {build:.0f} | {ef} | {rec:.3f} | {np.median(lat):.2f} | {nd:.0f} |")
 
