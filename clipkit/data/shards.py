@@ -69,9 +69,8 @@ def tar_end_ok(path: str) -> bool:
         with open(path, "rb") as f:
             if f.read(6).startswith(COMPRESSED_MAGIC):
                 return True
-        if size < 1024 or size % 512:
-            return False
-        with open(path, "rb") as f:
+            if size < 1024 or size % 512:
+                return False
             f.seek(size - 1024)
             return f.read(1024) == bytes(1024)
     except OSError:
