@@ -84,6 +84,8 @@ class TarStats:
     unreadable_shards: int = 0
     partial_samples: int = 0  # incomplete samples dropped where a shard broke
     problems: list[TarProblem] = field(default_factory=list)
+    # ``url:member`` of members whose field the same sample already had (the last one is kept)
+    duplicate_members: list[str] = field(default_factory=list)
 
     @property
     def skipped_shards(self) -> int:
@@ -155,7 +157,10 @@ def _shard(
                             stats.samples += 1
                             yield current
                         current = {"__key__": key, "__url__": url}
-                    # A repeated field keeps its last value (no sample is lost over it).
+                    # A repeated field keeps its last value (no sample is lost over it);
+                    # it is counted, so verify can report it.
+                    if ext in current:
+                        stats.duplicate_members.append(f"{url}:{member.name}")
                     reading = member.name
                     current[ext] = tf.extractfile(member).read()
                     reading = ""
@@ -172,6 +177,30 @@ def _shard(
     if problem is None:
         return
     dropped = current["__key__"] if current is not None and _fields(current) else None
+    record_problem(stats, url, problem, kept, dropped, on_problem)
+
+
+def record_problem(
+    stats: TarStats,
+    url: str,
+    problem: tuple[str, str],
+    kept: int,
+    dropped: str | None = None,
+    on_problem: Callable[[TarProblem], None] | None = None,
+) -> TarProblem:
+    """Count one damaged tar in ``stats`` and log the one warning line that names it.
+
+    Shared by this reader and the header scan (:mod:`clipkit.data.tarscan`), so every damaged
+    tar is reported the same way.
+
+    Args:
+        stats: updated in place.
+        url: the tar.
+        problem: ``(TRUNCATED or UNREADABLE, reason)``.
+        kept: samples (or members) read before the damage.
+        dropped: key of an incomplete sample left out, if any.
+        on_problem: called with the :class:`TarProblem`.
+    """
     found = TarProblem(url, problem[0], problem[1], kept, dropped)
     if found.kind == TRUNCATED:
         stats.truncated_shards += 1
@@ -182,6 +211,7 @@ def _shard(
     log.warning("data: %s", found)
     if on_problem is not None:
         on_problem(found)
+    return found
 
 
 def _fields(sample: Sample) -> frozenset[str]:

@@ -1,39 +1,43 @@
-"""Evaluation data readers: labelled images and image-caption sets, in a deterministic order.
+"""Evaluation data: torch datasets and loaders over the one input layer's records.
 
-Labelled sets (zero-shot classification):
-  * an ImageFolder directory (``root/<class>/<image>``, classes sorted by name);
-  * a tar of an ImageFolder tree (``./<class>/<image>`` members, read in place by offset);
-  * WebDataset shards with ``cls`` labels (a ``.tar``, a brace spec ``a/{0..9}.tar`` or a folder
-    of ``.tar`` files);
-  * CLIP_benchmark's WebDataset layout: a folder with ``classnames.txt``,
-    ``zeroshot_classification_templates.txt`` and ``<split>/{0..n-1}.tar``.
+Every layout is detected and read by :mod:`clipkit.data.sources` (ImageFolder folder or tar,
+WebDataset shards, CLIP_benchmark's layout, caption TSV/CSV, COCO JSON); this module only turns
+records into ``(image tensor, target, key)`` items and batches:
 
-Caption sets (retrieval): a TSV/CSV with ``filepath`` and ``caption``/``title`` columns (one row
-per caption, paths relative to the file), a COCO captions JSON, or shards with ``txt`` captions
-(one per line, as CLIP_benchmark writes them).
+* labelled sets (zero-shot): the target is the record's label; ``classes`` come from the folder
+  names or ``classnames.txt`` (None for bare shards);
+* caption sets (retrieval): the target is the record's captions (images without one are left
+  out, as CLIP_benchmark's COCO loader does).
 
-Images are decoded with PIL and passed through the model's eval transform. An unreadable image
-is dropped from its batch and counted in the batch's ``"skipped"`` (its name in
-``"skipped_keys"``), so the evaluators can report it.
+Sets known up front (folders, ImageFolder tars, tables) are map-style datasets sliced per rank;
+shards stream, split over ranks and workers by shard. An unreadable image is dropped from its
+batch and counted in ``"skipped"`` (named in ``"skipped_keys"``); a damaged tar is counted in
+``"skipped_shards"`` (described in ``"skipped_shard_keys"``), so the evaluators report both.
+Images are decoded like the training data (:func:`clipkit.data.decode.open_pil`: EXIF applied).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, Subset
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
-from clipkit.eval.shards import (
-    IMAGE_EXTS,
-    CaptionShards,
-    LabelledShards,
-    collate,
-    decode_image,
-    expand_shards,
-    scan_tar,
-)
+from clipkit.data.decode import DecodeError, open_pil
+from clipkit.data.sources import Record, image_bytes, open_source, shard_records
+from clipkit.data.tar_samples import TarProblem
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """RGB PIL image from encoded bytes (EXIF-rotated), or None when they are not an image."""
+    if not data:
+        return None
+    try:
+        return open_pil(data)  # decodes fully, so a truncated image shows up here
+    except DecodeError:
+        return None
 
 
 class LabelledSet:
@@ -52,78 +56,128 @@ class LabelledSet:
         self.templates_file = templates_file
 
 
-class _ImageList(Dataset):
-    """Map-style dataset over files or tar members, with labels (int) or captions (list)."""
+def _label(rec: Record) -> int:
+    if rec.label is None:
+        raise ValueError(f"sample {rec.ref} has no 'cls' label")
+    return rec.label
 
-    def __init__(self, sources: list[Any], targets: list[Any], transform: Any) -> None:
-        self.sources = sources  # path str, or (tar path, offset, size, member name)
-        self.targets = targets
+
+def _captions(rec: Record) -> list[str]:
+    if not rec.captions:
+        raise ValueError(f"sample {rec.ref} has no 'txt' captions")
+    return rec.captions
+
+
+def _item(rec: Record, target: Any, transform: Any) -> tuple[Any, Any, str]:
+    img = decode_image(image_bytes(rec.image))
+    return (None if img is None else transform(img)), target, rec.ref
+
+
+class RecordList(Dataset):
+    """Map-style dataset over records; the damage found when the set was opened (a cut
+    ImageFolder tar) comes first, as :class:`TarProblem` items that :func:`collate` counts."""
+
+    def __init__(
+        self, records: list[Record], labelled: bool, transform: Any, problems: list | None = None
+    ) -> None:
+        self.records = records
+        self.labelled = labelled
         self.transform = transform
+        self.problems = list(problems or [])
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return len(self.problems) + len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[Any, Any, str]:
-        src = self.sources[i]
-        if isinstance(src, str):
-            key = src
-            try:
-                with open(src, "rb") as f:
-                    data = f.read()
-            except OSError:
-                data = b""
-        else:
-            key = f"{src[0]}:{src[3]}"
-            data = _pread(src[0], src[1], src[2])
-        img = decode_image(data)
-        return (None if img is None else self.transform(img)), self.targets[i], key
+    def __getitem__(self, i: int) -> Any:
+        if i < len(self.problems):
+            return self.problems[i]
+        rec = self.records[i - len(self.problems)]
+        return _item(rec, _label(rec) if self.labelled else rec.captions, self.transform)
 
 
-_FDS: dict[tuple[int, str], int] = {}
+class ShardStream(IterableDataset):
+    """Shards split over ranks and workers (shard ``i`` to slot ``i % (world * workers)``)."""
+
+    def __init__(self, shards: list[str], transform: Any, labelled: bool) -> None:
+        self.shards = shards
+        self.transform = transform
+        self.labelled = labelled
+        self.rank, self.world = 0, 1
+
+    def set_rank(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def _my_shards(self) -> list[str]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * nw + wid, self.world * nw
+        return [s for i, s in enumerate(self.shards) if i % slots == slot]
+
+    def __iter__(self):
+        # Damaged shards come through as TarProblem items, in stream order, so the main process
+        # (where collate runs) learns about them from any DataLoader worker.
+        problems: list[TarProblem] = []
+        for rec in shard_records(self._my_shards(), on_problem=problems.append):
+            yield from problems
+            problems.clear()
+            yield _item(rec, _label(rec) if self.labelled else _captions(rec), self.transform)
+        yield from problems
 
 
-def _pread(path: str, offset: int, size: int) -> bytes:
-    # One descriptor per process (DataLoader workers fork); pread keeps no shared file position.
-    fd = _FDS.get((os.getpid(), path))
-    if fd is None:
-        fd = _FDS[(os.getpid(), path)] = os.open(path, os.O_RDONLY)
-    return os.pread(fd, size, offset)
+def LabelledShards(shards: list[str], transform: Any) -> ShardStream:  # noqa: N802 (old class)
+    """WebDataset shards with an image and a ``cls`` label per sample."""
+    return ShardStream(shards, transform, labelled=True)
 
 
-def _image_folder(root: Path, transform: Any) -> LabelledSet:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    sources, labels = [], []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(root / cls):
-            dirnames.sort()
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTS):
-                    sources.append(os.path.join(dirpath, f))
-                    labels.append(label)
-    if not sources:
-        raise ValueError(f"no images found in ImageFolder directory {root} (want <class>/<image>)")
-    return LabelledSet(_ImageList(sources, labels, transform), root.name, classes)
+def CaptionShards(shards: list[str], transform: Any) -> ShardStream:  # noqa: N802 (old class)
+    """WebDataset shards with an image and ``txt`` captions (one per line)."""
+    return ShardStream(shards, transform, labelled=False)
 
 
-def _tar_image_folder(path: Path, members: list[tuple[str, int, int]], transform: Any):
-    by_class: dict[str, list[tuple[str, int, int]]] = {}
-    for name, off, size in members:
-        parts = name.split("/")
-        by_class.setdefault(parts[0], []).append((name, off, size))
-    classes = sorted(by_class)
-    sources, labels = [], []
-    for label, cls in enumerate(classes):
-        for name, off, size in sorted(by_class[cls]):
-            sources.append((str(path), off, size, name))
-            labels.append(label)
-    return LabelledSet(_ImageList(sources, labels, transform), path.stem, classes)
+def collate(items: list[Any]) -> dict[str, Any]:
+    """Stack readable samples; count (and name) the unreadable ones and the damaged shards.
+
+    ``items`` are ``(image or None, target, key)`` tuples and :class:`TarProblem` s. An
+    incomplete sample dropped where a shard broke counts as skipped, like an unreadable image.
+
+    Returns:
+        ``{"image" (B,3,H,W), "cls" (B,) or "captions" list[list[str]], "skipped",
+        "skipped_keys", "skipped_shards", "skipped_shard_keys"}``.
+    """
+    problems = [it for it in items if isinstance(it, TarProblem)]
+    items = [it for it in items if not isinstance(it, TarProblem)]
+    good = [it for it in items if it[0] is not None]
+    bad = [it[2] for it in items if it[0] is None]
+    bad += [f"{p.url}:{p.dropped_key}" for p in problems if p.dropped_key]
+    out: dict[str, Any] = {
+        "skipped": len(bad),
+        "skipped_keys": bad,
+        "skipped_shards": len(problems),
+        "skipped_shard_keys": [str(p) for p in problems],
+    }
+    out["image"] = torch.stack([it[0] for it in good]) if good else torch.empty(0, 3, 1, 1)
+    if not items:
+        # Only shard problems: the kind of set is unknown, and both evaluators skip empty batches.
+        out["cls"] = torch.empty(0, dtype=torch.long)
+        out["captions"] = []
+    elif isinstance(items[0][1], list):
+        out["captions"] = [it[1] for it in good]
+    else:
+        out["cls"] = torch.tensor([int(it[1]) for it in good], dtype=torch.long)  # (B,)
+    return out
+
+
+def _check_exists(spec: str, what: str, want: str) -> None:
+    # A plain path that is not there gets the one line users know from the eval CLIs.
+    if not any(c in spec for c in "{*?[:") and not Path(spec).expanduser().exists():
+        raise ValueError(f"{what} data not found: {spec} (want {want})")
 
 
 def open_labelled(spec: str, transform: Any, split: str = "test") -> LabelledSet:
-    """Open a labelled image set (see the module docstring for the accepted layouts).
+    """Open a labelled image set (any layout :mod:`clipkit.data.sources` detects).
 
     Args:
-        spec: folder, ``.tar`` file or brace spec of shards.
+        spec: folder, ``.tar`` file, brace spec of shards or CLIP_benchmark folder.
         transform: PIL image -> ``(3, H, W)`` tensor (the model's ``preprocess_eval``).
         split: sub-folder of a CLIP_benchmark layout.
 
@@ -131,40 +185,17 @@ def open_labelled(spec: str, transform: Any, split: str = "test") -> LabelledSet
         :class:`LabelledSet`.
 
     Raises:
-        ValueError: nothing at ``spec``, or no images in it (one line naming the path).
+        ValueError: nothing at ``spec``, an unlabelled kind, or no images (one line naming it).
     """
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if (p / "classnames.txt").is_file():  # CLIP_benchmark WebDataset layout
-            shard_dir = p / split
-            nfile = shard_dir / "nshards.txt"
-            if nfile.is_file():
-                n = int(nfile.read_text().strip())
-                shards = [str(shard_dir / f"{i}.tar") for i in range(n)]
-            else:
-                shards = expand_shards(str(shard_dir))
-            from clipkit.eval.prompts import load_classnames
-
-            tpl = p / "zeroshot_classification_templates.txt"
-            return LabelledSet(
-                LabelledShards(shards, transform),
-                p.name,
-                load_classnames(str(p / "classnames.txt")),
-                tpl if tpl.is_file() else None,
-            )
-        if any(p.glob("*.tar")) and not any(d.is_dir() for d in p.iterdir()):
-            return LabelledSet(LabelledShards(expand_shards(str(p)), transform), p.name)
-        return _image_folder(p, transform)
-    if p.suffix == ".tar" and p.is_file():
-        members = scan_tar(p)
-        if not members:
-            raise ValueError(f"no images found in tar {p}")
-        if all("/" in name for name, _, _ in members):
-            return _tar_image_folder(p, members, transform)
-        return LabelledSet(LabelledShards([str(p)], transform), p.stem)
-    if "{" in spec:
-        return LabelledSet(LabelledShards(expand_shards(spec), transform), Path(spec).parent.name)
-    raise ValueError(f"labelled data not found: {spec} (expected a folder, a .tar or shards)")
+    _check_exists(spec, "labelled", "a folder, a .tar or shards")
+    src = open_source(spec, split=split)
+    if src.kind in ("captions", "coco", "text", "images"):
+        raise ValueError(f"labelled data expected at {spec}, found a {src.kind} input")
+    if src.streamed:
+        ds: Any = LabelledShards(src.shards, transform)
+    else:
+        ds = RecordList(src.items, True, transform, src.stats.problems)
+    return LabelledSet(ds, src.name, src.classes, src.templates_file)
 
 
 def _loader(dataset: Any, batch_size: int, workers: int, rank: int, world: int) -> DataLoader:
@@ -187,7 +218,7 @@ def labelled_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
-    """Batches ``{"image", "cls", "skipped", "skipped_keys"}`` of this rank's slice.
+    """Batches ``{"image", "cls", "skipped", "skipped_keys", ...}`` of this rank's slice.
 
     Args:
         data: a spec for :func:`open_labelled` or an opened :class:`LabelledSet`.
@@ -201,78 +232,22 @@ def labelled_loader(
     return _loader(ls.dataset, batch_size, workers, rank, world_size)
 
 
-_IMAGE_COLUMNS = ("filepath", "image", "file", "path")
-_CAPTION_COLUMNS = ("caption", "title", "text", "txt")
-
-
-def _captions_table(path: Path) -> list[tuple[str, list[str]]]:
-    import csv
-
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=sep))
-    if not rows:
-        raise ValueError(f"caption file {path} is empty")
-    header = [h.strip().lower() for h in rows[0]]
-    img_col = next((header.index(h) for h in _IMAGE_COLUMNS if h in header), None)
-    cap_col = next((header.index(h) for h in _CAPTION_COLUMNS if h in header), None)
-    if img_col is None or cap_col is None:
-        raise ValueError(
-            f"caption file {path}: header {rows[0]} needs a column named one of {_IMAGE_COLUMNS} "
-            f"and one of {_CAPTION_COLUMNS}"
-        )
-    grouped: dict[str, list[str]] = {}
-    for i, row in enumerate(rows[1:], start=2):
-        if len(row) <= max(img_col, cap_col):
-            raise ValueError(f"caption file {path} line {i}: expected {len(header)} columns")
-        grouped.setdefault(row[img_col], []).append(row[cap_col])
-    # Relative image paths are relative to the caption file (open_clip's CSV convention).
-    return [(str(path.parent / k), v) for k, v in grouped.items()]
-
-
-def _captions_coco(path: Path, images_dir: str | None) -> list[tuple[str, list[str]]]:
-    import json
-
-    d = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
-        raise ValueError(f"COCO captions file {path}: needs 'images' and 'annotations' lists")
-    caps: dict[int, list[str]] = {}
-    for a in d["annotations"]:
-        caps.setdefault(a["image_id"], []).append(a["caption"])
-    images = sorted(d["images"], key=lambda im: im["id"])  # torchvision's CocoCaptions order
-    if images_dir:
-        roots = [Path(images_dir)]
-    else:  # captions_train2017.json -> ../train2017, the COCO download layout
-        split = path.stem.split("_")[-1]
-        roots = [path.parent, path.parent.parent / split, path.parent / split, path.parent.parent]
-    first = images[0]["file_name"] if images else ""
-    root = next((r for r in roots if (r / first).is_file()), None)
-    if root is None:
-        where = ", ".join(str(r) for r in roots)
-        raise ValueError(f"COCO captions file {path}: image {first} not found in {where}")
-    return [(str(root / im["file_name"]), caps[im["id"]]) for im in images if im["id"] in caps]
-
-
 def open_captions(spec: str, transform: Any, images_dir: str | None = None) -> Any:
     """Open an image-caption set: TSV/CSV, COCO JSON, or shards with ``txt`` captions.
 
     Raises:
         ValueError: missing file, bad header or layout, or no images (one line naming the file).
     """
-    p = Path(spec).expanduser()
-    if p.is_file() and p.suffix.lower() in (".tsv", ".csv"):
-        items = _captions_table(p)
-    elif p.is_file() and p.suffix.lower() == ".json":
-        items = _captions_coco(p, images_dir)
-    elif p.is_dir() and (p / "test").is_dir():  # CLIP_benchmark retrieval layout
-        return CaptionShards(expand_shards(str(p / "test")), transform)
-    elif p.is_dir() or p.suffix == ".tar" or "{" in spec:
-        return CaptionShards(expand_shards(spec), transform)
-    else:
-        raise ValueError(f"caption data not found: {spec} (want .tsv/.csv, COCO .json or shards)")
+    _check_exists(spec, "caption", ".tsv/.csv, COCO .json or shards")
+    src = open_source(spec, images_dir=images_dir)
+    if src.streamed:
+        return CaptionShards(src.shards, transform)
+    if src.kind == "captions" and any(r.image is None for r in src.items[:1]):
+        raise ValueError(f"caption file {spec}: no image path column, so no images to retrieve")
+    items = [r for r in src.items if r.image is not None and r.captions]
     if not items:
-        raise ValueError(f"no images with captions in {p}")
-    return _ImageList([s for s, _ in items], [c for _, c in items], transform)
+        raise ValueError(f"no images with captions in {spec}")
+    return RecordList(items, False, transform, src.stats.problems)
 
 
 def caption_loader(
@@ -285,7 +260,7 @@ def caption_loader(
     world_size: int = 1,
     images_dir: str | None = None,
 ) -> DataLoader:
-    """Batches ``{"image", "captions", "skipped", "skipped_keys"}`` of this rank's slice."""
+    """Batches ``{"image", "captions", "skipped", "skipped_keys", ...}`` of this rank's slice."""
     dataset = open_captions(spec, transform, images_dir)
     return _loader(dataset, batch_size, workers, rank, world_size)
 
@@ -293,6 +268,8 @@ def caption_loader(
 __all__ = [
     "LabelledSet",
     "caption_loader",
+    "collate",
+    "decode_image",
     "labelled_loader",
     "open_captions",
     "open_labelled",

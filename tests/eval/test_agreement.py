@@ -62,7 +62,7 @@ def models(request, micro_model, tmp_path_factory):
         return micro_model, micro_model.clip, micro_model.tokenizer, micro_model.preprocess_eval
     import open_clip
 
-    from clipkit.eval.cli_common import load_model
+    from clipkit.eval.driver import load_model
 
     if request.param == "export":
         run = out = tmp_path_factory.mktemp("export")
@@ -77,7 +77,7 @@ def models(request, micro_model, tmp_path_factory):
 
 def _cifar_subset(data_root: Path, transform):
     ls = open_labelled(str(data_root / "cifar10" / "test.tar"), transform)
-    labels = ls.dataset.targets
+    labels = [r.label for r in ls.dataset.records]
     idx = [i for i in range(len(labels)) if i - labels.index(labels[i]) < PER_CLASS]
     return ls, idx
 
@@ -87,7 +87,7 @@ def test_zeroshot_agrees_with_clip_benchmark(models, data_root, tmp_path, monkey
     ls, idx = _cifar_subset(data_root, model.preprocess_eval)
     assert len(idx) == 10 * PER_CLASS
     classnames, templates = load_classnames("cifar10"), load_templates("cifar10")
-    names = [ls.dataset.sources[i][3] for i in idx]
+    names = [ls.dataset.records[i].image.name for i in idx]
     ls.dataset = Subset(ls.dataset, idx)
     ours = zero_shot(model, labelled_loader(ls, batch_size=64), classnames, templates)
 

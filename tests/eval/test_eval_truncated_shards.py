@@ -13,8 +13,7 @@ from tar_helpers import write_plain_tar
 
 from clipkit.cli import main
 from clipkit.eval import retrieval, zero_shot
-from clipkit.eval.datasets import labelled_loader
-from clipkit.eval.shards import LabelledShards, collate, decode_image
+from clipkit.eval.datasets import LabelledShards, collate, decode_image, labelled_loader
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 TEMPLATES = ["a {} square."]
