@@ -38,7 +38,7 @@ MICRO = REPO / "tests" / "eval" / "micro_clip.json"
 
 def _model(spec: str):
     from clipkit.config.schema import ModelConfig
-    from clipkit.eval.cli_common import load_model
+    from clipkit.eval.driver import load_model
     from clipkit.models import build_dual_encoder
 
     if spec.startswith("open_clip:") or Path(spec).is_dir():

@@ -1,6 +1,6 @@
 """Gathering per-sample evaluation outputs from every rank.
 
-Evaluation data is usually split by rank without padding (``build_eval_loader(rank=...,
+Evaluation data is usually split by rank without padding (``labelled_loader(rank=...,
 world_size=...)``), so ranks may hold different numbers of samples and batches. A collective
 inside the batch loop would then deadlock or fail on unequal shapes; instead each rank keeps its
 rows and :func:`gather_rows` gathers them once at the end, padded to a common length and trimmed

@@ -116,6 +116,14 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, list[list[str]], int]:
     return batch[0], batch[1], 0
 
 
+def _embed_dim(model: Any) -> int:
+    """Width of the embeddings, for a rank that has none of its own to gather."""
+    dim = getattr(model, "embed_dim", None)
+    if dim is None:
+        raise ValueError("retrieval: no images on this rank and the model has no embed_dim")
+    return int(dim)
+
+
 @torch.no_grad()
 def embed_pairs(
     model: Any,
@@ -154,9 +162,14 @@ def embed_pairs(
         owner.append(torch.tensor(idx, dtype=torch.long, device=dev))  # (b_txt,)
         n_img += images.shape[0]
     model.train(was_training)
-    if not imgs:
-        raise ValueError("retrieval evaluation: the data yielded no images")
-    image_emb, text_emb, t2i = torch.cat(imgs), torch.cat(txts), torch.cat(owner)
+    if imgs:
+        image_emb, text_emb, t2i = torch.cat(imgs), torch.cat(txts), torch.cat(owner)
+    else:
+        # A rank may hold no data (fewer shards than ranks): it still joins the gathers below,
+        # raising here would leave the others waiting in them.
+        d = _embed_dim(model)
+        image_emb = text_emb = torch.zeros(0, d, device=dev)
+        t2i = torch.zeros(0, dtype=torch.long, device=dev)
     if accelerator is not None and accelerator.num_processes > 1:
         if is_prepared_loader(batches):
             raise ValueError(
@@ -171,6 +184,8 @@ def embed_pairs(
                                                torch.tensor(n_txt, device=dev))  # fmt: skip
         t2i = t2i_g + offsets[rank_of_text]
         skipped = int(accelerator.reduce(torch.tensor(skipped, device=dev), "sum").item())
+    if image_emb.shape[0] == 0:
+        raise ValueError("retrieval evaluation: the data yielded no images")
     return image_emb, text_emb, t2i, skipped
 
 
@@ -219,7 +234,7 @@ def retrieval(
             str(data), model.preprocess_eval, batch_size=batch_size, workers=workers,
             rank=rank, world_size=world,
         )  # fmt: skip
-    from clipkit.eval.cli_common import SkipLog
+    from clipkit.eval.driver import SkipLog
 
     # Count the damaged shards the batches report on the way through; a loader prepared by
     # Accelerate is passed as is, since embed_pairs must still recognise it.

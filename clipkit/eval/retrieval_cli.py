@@ -8,41 +8,39 @@ Example (CPU, COCO captions with 5 per image)::
 ``--data``: a TSV/CSV with ``filepath`` and ``caption``/``title`` columns (one row per caption,
 paths relative to the file), a COCO captions JSON (images found next to it, in
 ``../<split>/`` or in ``--images``) or WebDataset shards with ``txt`` captions (one per line).
+
+The same :data:`EVALUATOR` runs inside training (``eval.retrieval``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from typing import Any
+from dataclasses import dataclass
 
-from clipkit.eval.cli_common import (
-    SkipLog,
-    add_common_arguments,
-    autocast,
-    check_common,
-    dataset_name,
-    load_model,
-    pick_device,
-    result_payload,
-    skip_report,
-    write_json,
-)
+from clipkit.eval import driver
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the command's options."""
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_common_arguments(parser)
+@dataclass
+class RetrievalOptions:
+    """Options of image-text retrieval (CLI flags of the same names)."""
+
+    images: str = ""  # image folder of a COCO captions JSON (default: found next to it)
+    recall_k: str = "1,5,10"  # comma-separated k of recall@k
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default="", help="image folder of a COCO captions JSON")
     parser.add_argument(
         "--recall-k", default="1,5,10", help="comma-separated k of recall@k (default 1,5,10)"
     )
 
 
-def _parse_k(text: str) -> list[int]:
+def parse_k(text: str) -> list[int]:
+    """``"1,5,10"`` -> ``[1, 5, 10]``.
+
+    Raises:
+        ValueError: not comma-separated integers >= 1.
+    """
     try:
         ks = [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
@@ -52,68 +50,74 @@ def _parse_k(text: str) -> list[int]:
     return ks
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, write the JSON, print a one-line summary. Returns the exit status."""
-    from clipkit.eval.bootstrap import bootstrap_ci
+def _prepare(data: str, options: RetrievalOptions) -> list[int]:
+    return parse_k(options.recall_k)
+
+
+def run_retrieval(ctx: driver.EvalContext) -> driver.Outcome:
+    """Retrieval over ``ctx.data`` (this rank's slice, gathered)."""
     from clipkit.eval.datasets import caption_loader
     from clipkit.eval.retrieval import embed_pairs, rank_metrics, retrieval_ranks
 
-    check_common(args)
-    ks = _parse_k(args.recall_k)
-    device = pick_device(args.device)
-    progress = not args.no_progress
-    model = load_model(args.model, args.pretrained, args.seed).to(device).eval()
+    opts: RetrievalOptions = ctx.options
+    ks = ctx.prepared if ctx.prepared is not None else parse_k(opts.recall_k)
     loader = caption_loader(
-        args.data,
-        model.preprocess_eval,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        images_dir=args.images or None,
+        ctx.data, ctx.model.preprocess_eval, batch_size=ctx.batch_size, workers=ctx.workers,
+        rank=ctx.rank, world_size=ctx.world_size, images_dir=opts.images or None,
+    )  # fmt: skip
+    batches = ctx.watch(loader)
+    with ctx.autocast():
+        image_emb, text_emb, t2i, skipped = embed_pairs(
+            ctx.model, batches, accelerator=ctx.accelerator, device=ctx.device,
+            progress=ctx.progress,
+        )  # fmt: skip
+    # Outside autocast: the scores must be float32 whatever the encoders ran in.
+    t2i_rank, i2t_rank = retrieval_ranks(image_emb, text_emb, t2i, progress=ctx.progress)
+    (skipped_shards,) = ctx.sum_over_ranks(len(ctx.log.shard_keys))
+    t_rank, i_rank = t2i_rank.cpu().numpy(), i2t_rank.cpu().numpy()
+
+    # Each direction resamples its own queries: captions for text->image, images for
+    # image->text (the other direction's ranks are a placeholder, its metrics dropped).
+    def text_queries(i):
+        m = rank_metrics(t_rank[i], i_rank[:1], ks)
+        return {k: v for k, v in m.items() if k.startswith("image_")}
+
+    def image_queries(i):
+        m = rank_metrics(t_rank[:1], i_rank[i], ks)
+        return {k: v for k, v in m.items() if k.startswith("text_")}
+
+    metrics = rank_metrics(t2i_rank, i2t_rank, ks)
+    shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "recall@" in k)
+    return driver.Outcome(
+        metrics=metrics,
+        counts={"n_samples": int(image_emb.shape[0]), "n_captions": int(text_emb.shape[0])},
+        skipped=skipped,
+        skipped_shards=skipped_shards,
+        resamples=[
+            driver.Resample(len(t_rank), text_queries),
+            driver.Resample(len(i_rank), image_queries),
+        ],
+        summary=f"{ctx.dataset}: {shown}",
     )
 
-    t0 = time.perf_counter()
-    batches = SkipLog(loader)
-    with autocast(device, args.precision):
-        image_emb, text_emb, t2i, skipped = embed_pairs(model, batches, progress=progress)
-    t2i_rank, i2t_rank = retrieval_ranks(image_emb, text_emb, t2i, progress=progress)
-    seconds = time.perf_counter() - t0
-    metrics = rank_metrics(t2i_rank, i2t_rank, ks)
 
-    skips, warnings = skip_report(skipped, batches)
-    extra: dict[str, Any] = {
-        "n_samples": int(image_emb.shape[0]),
-        "n_captions": int(text_emb.shape[0]),
-        **skips,
-        "seconds": round(seconds, 3),
-    }
-    if args.bootstrap:
-        t_rank, i_rank = t2i_rank.cpu().numpy(), i2t_rank.cpu().numpy()
-        # Each direction resamples its own queries: captions for text->image, images for
-        # image->text.
-        ci = bootstrap_ci(
-            lambda i: {k: v for k, v in rank_metrics(t_rank[i], i_rank[:1], ks).items()
-                       if k.startswith("image_")},
-            len(t_rank), args.bootstrap, seed=args.seed, progress=progress,
-        )  # fmt: skip
-        ci.update(
-            bootstrap_ci(
-                lambda i: {
-                    k: v
-                    for k, v in rank_metrics(t_rank[:1], i_rank[i], ks).items()
-                    if k.startswith("text_")
-                },
-                len(i_rank),
-                args.bootstrap,
-                seed=args.seed + 1,
-                progress=progress,
-            )  # fmt: skip
-        )
-        extra["bootstrap"] = args.bootstrap
-        extra["metrics_ci95"] = {k: ci[k] for k in metrics}
-    write_json(args.output, result_payload(args, "zeroshot_retrieval", metrics, **extra))
-    shown = {k: v for k, v in metrics.items() if "recall@" in k}
-    summary = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
-    print(f"{dataset_name(args)}: {summary} -> {args.output}")
-    for line in warnings:
-        print(line, file=sys.stderr)
-    return 0
+EVALUATOR = driver.Evaluator(
+    name="retrieval",
+    task="zeroshot_retrieval",
+    options=RetrievalOptions,
+    run=run_retrieval,
+    add_options=_add_options,
+    prepare=_prepare,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    driver.add_arguments(parser, EVALUATOR)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, write the JSON, print a one-line summary. Returns the exit status."""
+    return driver.run_cli(EVALUATOR, args)

