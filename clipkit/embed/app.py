@@ -15,10 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import tarfile
 import threading
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from clipkit.data.sources import read_tar_image
 from clipkit.embed.catalog import Catalog
 from clipkit.embed.embedder import Embedder, load_image
-from clipkit.embed.sources import IMAGE_EXTS
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -89,25 +87,10 @@ def _fail(status: int, msg: str) -> HTTPException:
     return HTTPException(status_code=status, detail=msg)
 
 
-@lru_cache(maxsize=64)
-def _tar_members(tar_path: str) -> dict[str, tarfile.TarInfo]:
-    with tarfile.open(tar_path) as tf:
-        return {m.name: m for m in tf.getmembers() if m.isfile()}
-
-
 def _read_shard_image(ref: str) -> bytes | None:
-    """Bytes of ``<tar>#<key>``'s image member (for the page's thumbnails)."""
+    """Bytes of ``<tar>#<key>``'s image (for the page's thumbnails), read by offset."""
     tar_path, _, key = ref.rpartition("#")
-    if not Path(tar_path).is_file():
-        return None
-    members = _tar_members(tar_path)
-    for ext in IMAGE_EXTS:
-        m = members.get(key + ext)
-        if m is not None:
-            with tarfile.open(tar_path) as tf:
-                f = tf.extractfile(m)
-                return f.read() if f else None
-    return None
+    return read_tar_image(tar_path, key)
 
 
 def create_app(

@@ -11,10 +11,11 @@ Partition ``p`` holds records ``p * partition_size ...``; a partition is finishe
 file exists (written last), so a rerun skips finished partitions. Unreadable images are skipped
 and counted (their ids are simply absent).
 
-The manifest also records a fingerprint of the input (file names, sizes, modified times and, for
-a caption file, a hash of its first MiB). A rerun resumes only when input, fingerprint, model,
-modality and partition size all match; otherwise it stops, because finished partitions of the
-old input would silently mix with new ones. ``overwrite=True`` deletes the old partitions first.
+The manifest also records a fingerprint of the input (:func:`clipkit.data.sources.fingerprint`:
+file names, sizes, modified times and, for a caption file, a hash of its first MiB). A rerun
+resumes only when input, fingerprint, model, modality and partition size all match; otherwise it
+stops, because finished partitions of the old input would silently mix with new ones.
+``overwrite=True`` deletes the old partitions first.
 
 For shards, the manifest also counts the shards cut short by truncation or corruption
 (``skipped_shards``, read up to the damage, with ``skipped_shard_examples``) and the incomplete
@@ -24,7 +25,6 @@ samples dropped there (``incomplete_samples``; they never become records, so tak
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -32,16 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from clipkit.data.sources import Source, TarMember, fingerprint, image_bytes
 from clipkit.data.tar_samples import TarStats
 from clipkit.embed.embedder import Embedder, load_image
-from clipkit.embed.sources import IMAGE_EXTS, Record, detect_kind, iter_records, shard_urls
+from clipkit.embed.sources import Record, iter_records, open_input
 
 MODALITIES = ("auto", "image", "text", "both")
 MANIFEST = "embeddings.json"
 # (sub-folder, file-name prefix) of every partition file a run writes, .tmp files included.
 PARTITION_FILES = (("img_emb", "img_emb_"), ("text_emb", "text_emb_"), ("metadata", "metadata_"))
-# Caption files are hashed this far; size + mtime cover edits further in.
-HASH_HEAD_BYTES = 1 << 20
 
 
 def _paths(out: Path, p: int) -> dict[str, Path]:
@@ -59,39 +58,17 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def _input_files(spec: str, kind: str) -> list[tuple[str, Path]]:
-    """``(name, path)`` of every file ``iter_records`` reads for ``spec``, in a fixed order."""
-    if kind == "shards":
-        return [(u, Path(u)) for u in shard_urls(spec)]
-    base = Path(spec).expanduser()
-    if kind != "folder":
-        return [(base.name, base)]
-    # Mirrors sources.iter_folder: images plus the .txt/.json caption and metadata beside them.
-    imgs = [p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-    side = {q for p in imgs for q in (p.with_suffix(".txt"), p.with_suffix(".json")) if q.is_file()}
-    return sorted((p.relative_to(base).as_posix(), p) for p in {*imgs, *side})
+def input_fingerprint(spec: str | Source, kind: str) -> dict[str, Any]:
+    """What the input of an embedding run looked like (:func:`clipkit.data.sources.fingerprint`).
 
-
-def input_fingerprint(spec: str, kind: str) -> dict[str, Any]:
-    """What the input of an embedding run looked like: file count, bytes and a digest.
-
-    The digest covers each file's name, size and modified time, and for a caption file also the
-    sha256 of its first MiB, so adding, removing, renaming or editing a file changes it.
+    ``kind`` (the ``clipkit embed`` kind) is recorded in place of the layer's finer kind, so
+    folders fingerprinted before the input layer existed still compare.
 
     Returns:
         ``{"kind", "files", "bytes", "sha256"}``.
     """
-    h = hashlib.sha256()
-    files = _input_files(spec, kind)
-    total = 0
-    for name, path in files:
-        st = path.stat()
-        total += st.st_size
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    if kind == "captions":
-        with files[0][1].open("rb") as f:
-            h.update(hashlib.sha256(f.read(HASH_HEAD_BYTES)).digest())
-    return {"kind": kind, "files": len(files), "bytes": total, "sha256": h.hexdigest()}
+    src = spec if isinstance(spec, Source) else open_input(spec, kind)[0]
+    return {**fingerprint(src), "kind": kind}
 
 
 def _resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -161,7 +138,10 @@ def _embed_partition(
                 try:
                     if r.image is None:
                         raise ValueError("no image")
-                    imgs.append(load_image(r.image, emb.max_pixels, f"record {r.id}"))
+                    # A tar member is read by offset only now, so a partition never holds
+                    # more than one chunk of encoded images.
+                    img = image_bytes(r.image) if isinstance(r.image, TarMember) else r.image
+                    imgs.append(load_image(img, emb.max_pixels, f"record {r.id}"))
                     ok.append(r)
                 except ValueError:
                     skipped += 1
@@ -213,9 +193,9 @@ def embed_dataset(
         raise ValueError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
     if partition_size < 1:
         raise ValueError(f"partition_size must be >= 1, got {partition_size}")
-    kind = detect_kind(input_spec) if kind == "auto" else kind
+    src, kind = open_input(str(input_spec), kind)
     stats = TarStats()
-    records = iter_records(input_spec, kind, stats)
+    records = iter_records(src, kind, stats)
     first = next(records, None)
     if first is None:
         damage = f" ({stats.problems[0]})" if stats.problems else ""
@@ -232,7 +212,7 @@ def embed_dataset(
         "partition_size": partition_size,
         "input": str(input_spec),
         "kind": kind,
-        "fingerprint": input_fingerprint(str(input_spec), kind),
+        "fingerprint": input_fingerprint(src, kind),
         "complete": False,
         "partitions": {},
     }

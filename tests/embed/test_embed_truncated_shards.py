@@ -14,7 +14,7 @@ from tar_helpers import write_plain_tar
 from clipkit.cli import main
 from clipkit.embed.dataset import embed_dataset, load_embeddings
 from clipkit.embed.embedder import load_image
-from clipkit.embed.sources import iter_shards
+from clipkit.embed.sources import iter_records
 
 
 def _jpeg(i: int, size=(48, 32), orientation: int = 1) -> bytes:
@@ -71,7 +71,7 @@ def test_iter_shards_reads_up_to_the_damage(tmp_path) -> None:
 
     data = _damaged_shards(tmp_path / "shards")
     stats = TarStats()
-    recs = list(iter_shards(str(data), stats=stats))
+    recs = list(iter_records(str(data), stats=stats))
     assert [r.key for r in recs] == [
         "0_000", "0_001", "0_002", "0_003", "1_000", "1_001", "2_000", "2_001", "2_002",
     ]  # fmt: skip
