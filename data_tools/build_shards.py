@@ -3,9 +3,10 @@
     python -m data_tools.build_shards INPUT OUTPUT_DIR [--shard-size 1000] [--max-side 0]
         [--quality 95] [--workers N] [--images DIR] [--no-shuffle] [--overwrite]
 
-INPUT is an ImageFolder directory or a tar of one (label -> ``key.cls``, class name ->
-caption), a ``.tsv``/``.csv`` with ``filepath`` + ``caption``/``title`` columns, or a COCO
-captions ``.json``. An image with several captions is one sample: ``key.txt`` holds them
+INPUT is any input :mod:`clipkit.data.sources` reads: an ImageFolder directory or a tar of one
+(label -> ``key.cls``, class name -> caption), a ``.tsv``/``.csv`` caption table (``filepath`` +
+``title``/``caption`` columns; the rule is :mod:`clipkit.data.tables`), a COCO captions ``.json``,
+an image folder or shards. An image with several captions is one sample: ``key.txt`` holds them
 newline-joined (as CLIP_benchmark does), ``key.json`` as a list (``"captions"``); training draws
 one per step. Output: ``NNNNN.tar`` (``key.{jpg,png,webp}``, ``key.txt``, ``key.json``
 [, ``key.cls``]), ``NNNNN_stats.json`` per shard, and ``sizes.json`` + ``_stats.json`` for the
@@ -34,7 +35,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_tools.sources import Record, read_input
+from clipkit.data.sources import Record, image_bytes
+from data_tools.sources import read_input
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -94,18 +96,20 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
         for i, rec in enumerate(records):
             rec: Record
             try:
-                data = rec.data if rec.data is not None else Path(rec.source).read_bytes()
+                # A path is read here so a missing file fails with its own message.
+                data = Path(rec.image).read_bytes() if isinstance(rec.image, str) else None
+                data = data if data is not None else image_bytes(rec.image)
                 img, ext, dims = prepare_image(data, task["max_side"], task["quality"])
             except (OSError, ValueError) as err:
-                failures.append({"source": rec.source, "reason": str(err)[:200]})
+                failures.append({"source": rec.ref, "reason": str(err)[:200]})
                 continue
             key = f"{index:05d}{i:0{key_digits}d}"
-            meta = {"key": key, "source": rec.source, "status": "success", **dims, **rec.extra}
+            meta = {**rec.meta, "key": key, "source": rec.ref, "status": "success", **dims}
             meta["caption"] = rec.captions[0] if rec.captions else None
             meta["captions"] = rec.captions
             sample = {"__key__": key, ext: img, "txt": "\n".join(rec.captions), "json": meta}
             if rec.label is not None:
-                meta["label"], meta["classname"] = rec.label, rec.classname
+                meta["label"], meta["classname"] = rec.label, task["classes"][rec.label]
                 sample["cls"] = str(rec.label)
             tw.write(sample)
             count += 1
@@ -180,6 +184,7 @@ def build(
             "shard_size": shard_size,
             "max_side": max_side,
             "quality": quality,
+            "classes": classes,
         }
         for i in range(0, len(records), shard_size)
     ]

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 import textwrap
 from collections import Counter
 from functools import partial
@@ -25,16 +24,14 @@ from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import base_plus_ext
 
-from clipkit.data.shards import tar_end_ok
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-CAPTION_KEYS = ("txt", "text", "caption")
+from clipkit.data.sources import expand_shards, sample_record
+from clipkit.data.tar_samples import TarStats, tar_samples
 
 
 def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
-    """Read one shard fully; decode every image.
+    """Read one shard fully (grouped by :func:`clipkit.data.tar_samples.tar_samples`); decode
+    every image.
 
     Args:
         path: the ``.tar`` file.
@@ -42,7 +39,7 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
 
     Returns:
         ``{"shard", "samples", "keys", "undecodable", "no_image", "no_caption", "duplicates",
-        "error", "examples"}``.
+        "error", "examples", "problems"}``.
     """
     res: dict[str, Any] = {
         "shard": Path(path).name,
@@ -56,34 +53,22 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
         "examples": [],
         "problems": [],
     }
-    samples: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    try:
-        with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                if not m.isreg():
-                    continue
-                key, ext = base_plus_ext(m.name)  # webdataset's own key rule
-                if key is None:
-                    continue
-                ext = ext.lower()
-                data = tf.extractfile(m).read()
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                elif ext in samples[key]:
-                    res["duplicates"] += 1
-                    res["problems"].append(f"duplicate member {m.name}")
-                samples[key][ext] = data
-    except (tarfile.TarError, OSError, EOFError) as err:
-        res["error"] = f"{type(err).__name__}: {err}"
-    if not res["error"] and not tar_end_ok(path):
-        res["error"] = "truncated: no end-of-archive marker"
-    for key in order:
-        fields = samples[key]
+    stats = TarStats()
+    seen: set[str] = set()
+    for sample in tar_samples([path], stats):
+        key = sample["__key__"]
         res["samples"] += 1
-        img = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
-        cap = next((fields[k] for k in CAPTION_KEYS if k in fields), None)
+        if key in seen:  # the same key again, after other samples
+            res["duplicates"] += 1
+            res["problems"].append(f"{key}: duplicate key")
+        seen.add(key)
+        res["keys"].append(key)
+        try:
+            rec = sample_record(sample)
+        except ValueError as err:
+            res["problems"].append(str(err))
+            rec = sample_record({k: v for k, v in sample.items() if k != "cls"})
+        img = rec.image
         if img is None:
             res["no_image"] += 1
             res["problems"].append(f"{key}: no image")
@@ -95,12 +80,17 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
                 res["undecodable"] += 1
                 res["problems"].append(f"{key}: undecodable image ({type(err).__name__})")
                 img = None
-        if cap is None or not cap.strip():
+        if not rec.captions:
             res["no_caption"] += 1
             res["problems"].append(f"{key}: no caption")
         if img is not None and len(res["examples"]) < grid_n:
-            res["examples"].append((img, (cap or b"").decode("utf-8", "replace")))
-    res["keys"] = order
+            res["examples"].append((img, "\n".join(rec.captions)))
+    for member in stats.duplicate_members:  # a field repeated within one sample
+        res["duplicates"] += 1
+        res["problems"].append(f"duplicate member {member.rpartition(':')[2]}")
+    if stats.problems:
+        p = stats.problems[0]
+        res["error"] = f"{p.kind}: {p.reason}"
     return res
 
 
@@ -136,9 +126,10 @@ def verify(shard_dir: Path, workers: int = 0, grid_n: int = 0) -> tuple[list[dic
     """
     if not shard_dir.is_dir():
         raise ValueError(f"not a directory: {shard_dir}")
-    shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
-    if not shards:
-        raise ValueError(f"no .tar shards in {shard_dir}")
+    try:
+        shards = expand_shards(str(shard_dir))
+    except ValueError:
+        raise ValueError(f"no .tar shards in {shard_dir}") from None
     per_grid = -(-grid_n // len(shards)) if grid_n else 0
     workers = min(workers or os.cpu_count() or 1, len(shards))
     bar = tqdm(total=len(shards), unit="shard", desc="verify", disable=len(shards) < 4)

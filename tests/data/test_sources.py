@@ -257,3 +257,26 @@ def test_fingerprint_changes_with_the_files(tmp_path) -> None:
     b = fingerprint(str(tmp_path / "c.tsv"))
     (tmp_path / "c.tsv").write_text("filepath\ttitle\ntree/cat/00.jpg\tb\n")
     assert fingerprint(str(tmp_path / "c.tsv"))["sha256"] != b["sha256"]
+
+
+def test_one_tsv_gives_the_same_captions_in_eval_embed_and_data_tools(tmp_path) -> None:
+    from clipkit.embed.sources import iter_records as embed_records
+    from clipkit.eval.datasets import open_captions
+    from data_tools.sources import read_input
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(_jpeg(40 * i))
+    # Both a caption and a title column: the one rule reads `title` (open_clip's default).
+    (tmp_path / "c.tsv").write_text(
+        "caption\tfilepath\ttitle\n"
+        "c0\timg/1.jpg\tone\nc1\timg/0.jpg\tzero\nc2\timg/1.jpg\tuno\nc3\timg/2.jpg\ttwo\n"
+    )
+    want = [["one", "uno"], ["zero"], ["two"]]
+    ds = open_captions(str(tmp_path / "c.tsv"), lambda im: im)
+    assert [ds[i][1] for i in range(len(ds))] == want
+    emb = list(embed_records(str(tmp_path / "c.tsv")))
+    assert [json.loads(r.meta["captions"]) for r in emb] == want
+    assert [r.caption for r in emb] == [c[0] for c in want]
+    recs, classes, kind = read_input(tmp_path / "c.tsv")
+    assert [r.captions for r in recs] == want and (classes, kind) == ([], "captions")

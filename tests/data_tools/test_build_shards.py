@@ -110,9 +110,9 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert build_main([str(tmp_path / "missing.tsv"), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "input not found" in err
-    (tmp_path / "t.tsv").write_text("path\tcaption\nx.jpg\thello\n")
+    (tmp_path / "t.tsv").write_text("name\tcaption\nx.jpg\thello\n")
     assert build_main([str(tmp_path / "t.tsv"), str(tmp_path / "o")]) == 2
-    assert "no 'filepath' column" in capsys.readouterr().err
+    assert "no image path column" in capsys.readouterr().err
 
 
 def test_refuses_to_overwrite_without_flag(data_root, tmp_path):
