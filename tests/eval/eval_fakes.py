@@ -23,6 +23,10 @@ class KeyedTextModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device
         self._texts: list[str] = []
 
+    @property
+    def embed_dim(self) -> int:
+        return self.dim
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         ids = []
         for t in texts:

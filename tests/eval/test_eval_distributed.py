@@ -49,7 +49,10 @@ def _worker(rank: int, world: int, port: int, labels: np.ndarray, q) -> None:
     lo, hi = (0, 13) if rank == 0 else (13, 30)
     r_batches = [(r_images[i : min(i + 4, hi)], caps[i : min(i + 4, hi)]) for i in range(lo, hi, 4)]
     ret = retrieval(model, r_batches, accelerator=acc)
-    q.put((rank, split, prepared, ret))
+    # A rank without data (fewer shards than ranks) still joins the gathers.
+    all_batches = [(r_images[i : i + 4], caps[i : i + 4]) for i in range(0, 30, 4)]
+    lopsided = retrieval(model, all_batches if rank == 0 else [], accelerator=acc)
+    q.put((rank, split, prepared, ret, lopsided))
     acc.wait_for_everyone()
 
 
@@ -80,8 +83,9 @@ def test_two_processes_equal_one(keyed_model) -> None:
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for _, split, prepared, ret in results:
+    for _, split, prepared, ret, lopsided in results:
         assert split == pytest.approx(single, abs=1e-12)
         assert prepared == pytest.approx(single, abs=1e-12)
         assert ret == pytest.approx(single_ret, abs=1e-12)
+        assert lopsided == pytest.approx(single_ret, abs=1e-12)
     assert single["n"] == 47 and single_ret["n_captions"] == 60
