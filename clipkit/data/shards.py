@@ -8,12 +8,14 @@ same number of times (drop_last). In resampled mode each reader draws shards wit
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from webdataset.shardlists import expand_urls
 
@@ -77,6 +79,46 @@ def tar_end_ok(path: str) -> bool:
         return False
 
 
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+
+
+def _natural(s: str) -> list[Any]:
+    # 2.tar before 10.tar for unpadded shard names.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths/URLs of a spec, in order.
+
+    Each ``::`` part is a folder (its ``*.tar`` in natural order), or is expanded by webdataset
+    (braces, ``$WDS_`` variables) and then by glob for local ``*?[`` patterns.
+
+    Raises:
+        ValueError: empty spec, a missing local shard (named), or no shard at all.
+    """
+    if not spec or not spec.strip():
+        raise ValueError("empty shard spec")
+    urls: list[str] = []
+    for part in (s.strip() for s in spec.split("::")):
+        p = Path(part).expanduser()
+        if not is_url(part) and p.is_dir():
+            found = [str(q) for q in p.iterdir() if q.name.endswith(TAR_SUFFIXES)]
+            urls += sorted(found, key=_natural)
+            continue
+        for url in expand_urls(part):
+            if is_url(url):
+                urls.append(url)
+                continue
+            local = str(Path(url).expanduser())
+            hits = sorted(glob.glob(local), key=_natural) if glob.has_magic(local) else [local]
+            if not hits or not Path(hits[0]).is_file():
+                raise ValueError(f"shard not found: {hits[0] if hits else url} (from '{part}')")
+            urls += hits
+    if not urls:
+        raise ValueError(f"no .tar shards found at {spec}")
+    return urls
+
+
 def _read_sizes(urls: list[str]) -> list[int] | None:
     """Samples per shard from ``sizes.json`` beside local shards; None if any is unknown."""
     cache: dict[Path, dict[str, int]] = {}
@@ -126,10 +168,10 @@ def parse_spec(spec: str, weights: list[float] | None = None) -> list[Source]:
     for i, part in enumerate(parts):
         if not part:
             raise ValueError(f"data.train: empty source #{i} in '{spec}'")
-        urls = expand_urls(part)
-        for url in urls:
-            if not is_url(url) and not Path(url).expanduser().is_file():
-                raise ValueError(f"data.train: shard not found: {url} (from '{part}')")
+        try:
+            urls = expand_shards(part)
+        except ValueError as err:
+            raise ValueError(f"data.train: {err}") from None
         w = float(weights[i]) if weights else 1.0
         sources.append(Source(part, urls, w, _read_sizes(urls)))
     return sources

@@ -25,6 +25,10 @@ Order is fixed: files sorted by path parts (so ``<class>/...`` is class-major), 
 class then name, shards in spec order and samples in tar order, tables in first-seen order.
 Damage: a truncated or corrupt tar is read up to the damage, counted in a
 :class:`~clipkit.data.tar_samples.TarStats` and named in one warning; never an exception.
+
+Parts: :mod:`clipkit.data.records` (the record type), :mod:`clipkit.data.tables` (the caption
+column rule), :mod:`clipkit.data.tarscan` (ImageFolder tars by offset),
+:mod:`clipkit.data.tar_samples` (shards), :func:`clipkit.data.shards.expand_shards` (specs).
 """
 
 from __future__ import annotations
@@ -32,16 +36,23 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from webdataset.shardlists import expand_urls
-
 from clipkit.data import tables
-from clipkit.data.shards import is_url
+from clipkit.data.records import (
+    CAPTION_FIELDS,
+    IMAGE_EXTS,
+    IMAGE_FIELDS,
+    Record,
+    image_bytes,
+    is_image,
+    sample_record,
+    shard_records,
+)
+from clipkit.data.shards import TAR_SUFFIXES, expand_shards, is_url
 from clipkit.data.tar_samples import TarProblem, TarStats, tar_samples
 from clipkit.data.tarscan import TarMember, is_compressed, member_index, read_member, scan_tar
 
@@ -55,95 +66,16 @@ KINDS = (
     "images",
     "text",
 )
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-IMAGE_FIELDS = tuple(e[1:] for e in IMAGE_EXTS)  # webdataset field names of an image
-CAPTION_FIELDS = ("txt", "text", "caption")
-_TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 # Sidecar files hashed in full-ish (first MiB) by the fingerprint; size + mtime cover the rest.
 HASH_HEAD_BYTES = 1 << 20
 
 
-@dataclass
-class Record:
-    """One item of an input, before its image is decoded."""
-
-    key: str  # webdataset-style: the path without its extension (the row number for text)
-    image: bytes | str | TarMember | None = None  # encoded bytes, a file path, or a tar member
-    captions: list[str] = field(default_factory=list)
-    label: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    source: str = ""  # the file it was read from (shard, tar, table, image)
-
-    @property
-    def ref(self) -> str:
-        """Where the record is, for messages: a path, ``tar:member`` or ``shard:key``."""
-        if isinstance(self.image, str):
-            return self.image
-        if isinstance(self.image, TarMember):
-            return f"{self.image.tar}:{self.image.name}"
-        return f"{self.source}:{self.key}"
-
-
-def image_bytes(image: bytes | str | TarMember | None) -> bytes:
-    """The encoded image of a record (b"" when it cannot be read; the decoder counts it)."""
-    if isinstance(image, TarMember):
-        return read_member(image)
-    if isinstance(image, str):
-        try:
-            with open(image, "rb") as f:
-                return f.read()
-        except OSError:
-            return b""
-    return image or b""
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTS)
-
-
-def _natural(s: str) -> list[Any]:
-    # 2.tar before 10.tar for unpadded shard names.
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Shard paths/URLs of a spec, in order.
-
-    Each ``::`` part is a folder (its ``*.tar`` in natural order), or is expanded by webdataset
-    (braces, ``$WDS_`` variables) and then by glob for local ``*?[`` patterns.
-
-    Raises:
-        ValueError: empty spec, a missing local shard (named), or no shard at all.
-    """
-    if not spec or not spec.strip():
-        raise ValueError("empty shard spec")
-    urls: list[str] = []
-    for part in (s.strip() for s in spec.split("::")):
-        p = Path(part).expanduser()
-        if not is_url(part) and p.is_dir():
-            found = [str(q) for q in p.iterdir() if q.name.endswith(_TAR_SUFFIXES)]
-            urls += sorted(found, key=_natural)
-            continue
-        for url in expand_urls(part):
-            if is_url(url):
-                urls.append(url)
-                continue
-            local = str(Path(url).expanduser())
-            hits = sorted(glob.glob(local), key=_natural) if glob.has_magic(local) else [local]
-            if not hits or not Path(hits[0]).is_file():
-                raise ValueError(f"shard not found: {hits[0] if hits else url} (from '{part}')")
-            urls += hits
-    if not urls:
-        raise ValueError(f"no .tar shards found at {spec}")
-    return urls
-
-
 def _folder_images(root: Path) -> list[Path]:
-    files = [p for p in root.rglob("*") if p.is_file() and _is_image(p.name)]
+    files = [p for p in root.rglob("*") if p.is_file() and is_image(p.name)]
     return sorted(files, key=lambda p: p.relative_to(root).parts)
 
 
-def _tar_is_imagefolder(path: Path) -> bool:
+def _taris_imagefolder(path: Path) -> bool:
     """An ImageFolder tar: its first members are all images inside a folder, with no label or
     caption members beside them (which would make them WebDataset samples)."""
     if is_compressed(path):
@@ -154,7 +86,7 @@ def _tar_is_imagefolder(path: Path) -> bool:
                 break
     else:
         names = [m.name for m in scan_tar(path, limit=64)]
-    return bool(names) and all("/" in n and _is_image(n) for n in names)
+    return bool(names) and all("/" in n and is_image(n) for n in names)
 
 
 def detect_kind(spec: str) -> str:
@@ -168,8 +100,8 @@ def detect_kind(spec: str) -> str:
         return "shards"
     if p.is_file():
         name = p.name.lower()
-        if name.endswith(_TAR_SUFFIXES):
-            return "imagefolder-tar" if _tar_is_imagefolder(p) else "shards"
+        if name.endswith(TAR_SUFFIXES):
+            return "imagefolder-tar" if _taris_imagefolder(p) else "shards"
         kind = {".tsv": "captions", ".csv": "captions", ".json": "coco", ".txt": "text"}
         if p.suffix.lower() in kind:
             return kind[p.suffix.lower()]
@@ -181,9 +113,9 @@ def detect_kind(spec: str) -> str:
         ):
             return "clip-benchmark"
         top = [f for f in p.iterdir() if f.is_file()]
-        if any(f.name.endswith(_TAR_SUFFIXES) for f in top):
+        if any(f.name.endswith(TAR_SUFFIXES) for f in top):
             return "shards"
-        if any(_is_image(f.name) for f in top):
+        if any(is_image(f.name) for f in top):
             return "images"
         if subdirs and any(_folder_images(p)):
             return "imagefolder"
@@ -196,45 +128,6 @@ def detect_kind(spec: str) -> str:
     raise ValueError(
         f"input '{spec}': unknown kind (want a folder, .tar shards, .tsv/.csv, COCO .json or .txt)"
     )
-
-
-def sample_record(sample: dict[str, Any]) -> Record:
-    """A :class:`Record` from one grouped WebDataset sample (``tar_samples``' dicts).
-
-    Raises:
-        ValueError: a ``cls`` field that is not an integer (naming the sample).
-    """
-    key, url = str(sample["__key__"]), str(sample["__url__"])
-    image = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
-    cap = next((sample[k] for k in CAPTION_FIELDS if k in sample), None)
-    captions = []
-    if cap is not None:
-        text = cap.decode("utf-8", "replace") if isinstance(cap, bytes) else str(cap)
-        captions = [c.strip() for c in text.splitlines() if c.strip()]
-    label = None
-    if "cls" in sample:
-        try:
-            label = int(sample["cls"].decode().strip())
-        except ValueError:
-            bad = sample["cls"][:20]
-            raise ValueError(f"sample {url}:{key}: 'cls' is not an integer: {bad!r}") from None
-    meta: dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            loaded = json.loads(sample["json"])
-            meta = loaded if isinstance(loaded, dict) else {}
-        except ValueError:
-            meta = {}
-    fields = sorted(k for k in sample if not k.startswith("__"))
-    return Record(key, image, captions, label, meta, url) if fields else Record(key, source=url)
-
-
-def shard_records(
-    urls: list[str], stats: TarStats | None = None, on_problem: Any = None
-) -> Iterator[Record]:
-    """Records of WebDataset shards, shard by shard, samples in tar order (damage counted)."""
-    for sample in tar_samples(urls, stats, on_problem):
-        yield sample_record(sample)
 
 
 @dataclass
@@ -307,7 +200,7 @@ def _tar_folder_source(spec: str, path: Path) -> Source:
         ]
     else:
         found = [(m.name, m, path) for m in scan_tar(path, stats)]
-    members = sorted((n, img) for n, img, _ in found if "/" in n and _is_image(n))
+    members = sorted((n, img) for n, img, _ in found if "/" in n and is_image(n))
     if not members:
         raise ValueError(f"no images found in tar {path}")
     classes = sorted({n.split("/", 1)[0] for n, _ in members})
