@@ -140,3 +140,15 @@ def test_caption_shards(tmp_path) -> None:
     batches = list(caption_loader(str(tmp_path / "0.tar"), _tf, batch_size=2))
     caps = [c for b in batches for c in b["captions"]]
     assert caps == [[f"first {i}", f"second {i}"] for i in range(3)]
+
+
+def test_truncated_imagefolder_tar_is_reported_in_the_batches(tmp_path) -> None:
+    root = _folder(tmp_path / "tree", per_class=10)
+    with tarfile.open(tmp_path / "tree.tar", "w") as tf:
+        tf.add(root, arcname=".")
+    data = (tmp_path / "tree.tar").read_bytes()
+    (tmp_path / "tree.tar").write_bytes(data[: len(data) * 2 // 3])
+    batches = list(labelled_loader(str(tmp_path / "tree.tar"), _tf, batch_size=4))
+    n = sum(len(b["cls"]) for b in batches)
+    assert 0 < n < 20 and sum(b["skipped_shards"] for b in batches) == 1
+    assert "truncated" in [k for b in batches for k in b["skipped_shard_keys"]][0]
