@@ -8,6 +8,7 @@ from clipkit.config.schema import (
     LossConfig,
     ModelConfig,
     OptimConfig,
+    SimCSEConfig,
     TrainConfig,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "SimCSEConfig",
     "TrainConfig",
     "load_config",
     "split_cli",

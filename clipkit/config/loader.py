@@ -19,9 +19,21 @@ class ConfigError(ValueError):
     """A configuration problem, with a one-line message fit to show a user."""
 
 
+# Keys that moved to their task's section: an old config gets told where they went.
+MOVED = {
+    "model.pooling": "simcse.pooling",
+    "model.mlp_train_only": "simcse.mlp_train_only",
+    "model.max_length": "simcse.max_length",
+    "data.mine_negatives": "simcse.mine_negatives",
+    "data.mine_max_sim": "simcse.mine_max_sim",
+}
+
+
 def _describe(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     if isinstance(err, ConfigKeyError):
+        if key in MOVED:
+            return f"{source}: config key '{key}' is now '{MOVED[key]}'"
         return f"{source}: unknown config key '{key}'"
     if isinstance(err, ValidationError):
         value = getattr(err, "value", None)

@@ -29,10 +29,6 @@ class DataConfig:
     # Caption field(s) in the shards, tried in order.
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "text", "caption"])
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-    # SimCSE hard-negative mining: per anchor, add the N nearest pool sentences (current encoder)
-    # whose cosine similarity is at most mine_max_sim (guard against false negatives); 0 = off.
-    mine_negatives: int = 0
-    mine_max_sim: float = 0.8
 
 
 @dataclass
@@ -55,11 +51,6 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     grad_checkpointing: bool = False
     compile: bool = False
-    # Sentence encoders (task=simcse): pooling "cls", "cls_mlp" or "mean"; SimCSE's unsupervised
-    # recipe keeps the MLP head in training only (mlp_train_only).
-    pooling: str = "mean"
-    mlp_train_only: bool = False
-    max_length: int = 32
 
 
 @dataclass
@@ -136,9 +127,11 @@ class EvalConfig:
 
     # Zero-shot classification set (shard spec, ImageFolder dir or tar); built-in demo when empty.
     zeroshot: str = ""
-    # Class names / templates: a built-in name ("digits", "cifar10", "imagenet") or a file path.
-    classnames: str = "digits"
-    templates: str = "digits"
+    # Class names / templates: a built-in name ("digits", "cifar10", "imagenet") or a file path;
+    # empty: the set's own (ImageFolder folder names, CLIP_benchmark's classnames.txt and
+    # templates file, built-in templates for a known set name; the built-in demo's for it).
+    classnames: str = ""
+    templates: str = ""
     # Retrieval set (caption TSV/CSV, COCO JSON or shards); none when empty.
     retrieval: str = ""
     # STS file or folder evaluated during sentence-encoder training (task=simcse).
@@ -146,6 +139,21 @@ class EvalConfig:
     batch_size: int = 256
     # Evaluate every N optimiser steps (0 = only at the end).
     every: int = 0
+
+
+@dataclass
+class SimCSEConfig:
+    """What only ``task=simcse`` reads (the sentence encoder comes from ``model.hf_text_model``)."""
+
+    # Pooling "cls", "cls_mlp" or "mean"; SimCSE's unsupervised recipe keeps the MLP head in
+    # training only (mlp_train_only).
+    pooling: str = "mean"
+    mlp_train_only: bool = False
+    max_length: int = 32
+    # Hard-negative mining: per anchor, add the N nearest pool sentences (current encoder)
+    # whose cosine similarity is at most mine_max_sim (guard against false negatives); 0 = off.
+    mine_negatives: int = 0
+    mine_max_sim: float = 0.8
 
 
 @dataclass
@@ -160,3 +168,5 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Per-task sections: read only by their task.
+    simcse: SimCSEConfig = field(default_factory=SimCSEConfig)

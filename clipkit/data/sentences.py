@@ -108,9 +108,9 @@ def mine_hard_negatives(
         ValueError: bad ``k``/``max_sim`` or a pool too small.
     """
     if k < 1:
-        raise ValueError(f"data.mine_negatives must be >= 1 to mine, got {k}")
+        raise ValueError(f"simcse.mine_negatives must be >= 1 to mine, got {k}")
     if not -1.0 < max_sim <= 1.0:
-        raise ValueError(f"data.mine_max_sim must be in (-1, 1], got {max_sim}")
+        raise ValueError(f"simcse.mine_max_sim must be in (-1, 1], got {max_sim}")
     pool = list(dict.fromkeys((rows.positives or rows.anchors) + sum(rows.negatives, [])))
     if len(pool) <= k:
         raise ValueError(f"cannot mine {k} negatives from a pool of {len(pool)} sentences")

@@ -28,7 +28,8 @@ class ZeroShotOptions:
 
     # Built-in name or file; empty: the data's own names (classnames.txt, else folder names).
     classnames: str = ""
-    # Built-in name or file; empty: the data's templates file, else the built-in named like it.
+    # Built-in name or file; empty: the data's templates file, else the built-in named like the
+    # class names or the data set.
     templates: str = ""
     split: str = "test"  # split folder of a CLIP_benchmark layout
     per_class: bool = False  # add per-class recall and the confusion matrix
@@ -45,7 +46,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--templates",
         default="",
         help="built-in (cifar10, cifar100, imagenet, imagenet7, digits) or file; default: the "
-        "data's templates file, else the built-in named like the data set",
+        "data's templates file, else the built-in named like --classnames or the data set",
     )
     parser.add_argument("--split", default="test", help="split folder of a CLIP_benchmark layout")
     parser.add_argument(
@@ -90,6 +91,8 @@ def resolve_prompts(
         templates = load_templates(options.templates)
     elif ls.templates_file is not None:
         templates = load_templates(str(ls.templates_file))
+    elif options.classnames in BUILTIN_TEMPLATES:  # built-in names bring their own prompts
+        templates = load_templates(options.classnames)
     elif dataset in BUILTIN_TEMPLATES:
         templates = load_templates(dataset)
     else:

@@ -134,7 +134,7 @@ class SentenceEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling='{pooling}'; valid: {', '.join(POOLINGS)}")
+            raise ValueError(f"simcse.pooling='{pooling}'; valid: {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling

@@ -49,9 +49,20 @@ def main(
 
     if PartialState().is_main_process:
         out = Path(cfg.train.output_dir).resolve()
-        shown = {k: v for k, v in result.items() if k.startswith(("eval/", "train/final"))}
+        shown = {
+            k: v
+            for k, v in result.items()
+            if k.startswith(("eval/", "train/final")) and isinstance(v, int | float)
+        }
         print("final metrics: " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         print(f"outputs: {out}  (metrics.json, metrics.jsonl, checkpoints/, export/)")
+    failed = {k: v for k, v in result.items() if k.endswith("/error")}
+    if failed:
+        # The state is safe (checkpoint and export come first); the exit status still says
+        # that part of the run failed.
+        for k, v in failed.items():
+            print(f"error: {k.removesuffix('/error')} failed: {v}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from clipkit.config.schema import Config
 from clipkit.models import DualEncoder, build_dual_encoder
+from clipkit.train.task import Embeddings
 
 
 def _unwrap(model: nn.Module) -> DualEncoder:
@@ -65,7 +66,7 @@ class ClipTask:
             world_size=world_size,
         )
 
-    def embed(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         image = batch["image"]  # (B, 3, S, S) uint8 from the loader: normalise on the device
         if image.dtype == torch.uint8:
             from clipkit.data import normalize
@@ -73,12 +74,12 @@ class ClipTask:
             image = normalize(image, *self._mean_std(model, image.device))
         # Through the (possibly DDP-wrapped) forward so the scale's gradient is all-reduced too.
         out = model(image=image, text=batch["text"])
-        return {
-            "q": out["image"],  # (B, D)
-            "k": out["text"],  # (B, D)
-            "logit_scale": out["logit_scale"],
-            "logit_bias": out.get("logit_bias"),
-        }
+        return Embeddings(
+            q=out["image"],  # (B, D)
+            k=out["text"],  # (B, D)
+            logit_scale=out["logit_scale"],
+            logit_bias=out.get("logit_bias"),
+        )
 
     def _mean_std(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
         cache = self._norm
@@ -93,7 +94,15 @@ class ClipTask:
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
         return _unwrap(model).clip.logit_scale.exp()
 
-    def evaluate(self, cfg: Config, model: nn.Module, accelerator: Any) -> dict[str, float]:
+    def check_inputs(self, cfg: Config, model: nn.Module) -> None:
+        """Every evaluation set opens and matches its class names (see ``check_eval_inputs``)."""
+        from clipkit.train.evaluation import check_eval_inputs
+
+        check_eval_inputs(cfg, _unwrap(model))
+
+    def evaluate(
+        self, cfg: Config, model: nn.Module, accelerator: Any, step: int
+    ) -> dict[str, float]:
         from clipkit.train.evaluation import evaluate_clip
 
         _, zs_spec = resolve_data(cfg)

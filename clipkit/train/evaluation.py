@@ -33,7 +33,11 @@ def _dataset_name(cfg: Config, spec: str) -> str:
 def _zeroshot_options(cfg: Config) -> Any:
     from clipkit.eval.zeroshot_cli import ZeroShotOptions
 
-    return ZeroShotOptions(classnames=cfg.eval.classnames, templates=cfg.eval.templates)
+    # The built-in demo's test shards carry labels only: its names and templates are built in.
+    demo = cfg.data.builtin if cfg.data.builtin and not cfg.eval.zeroshot else ""
+    return ZeroShotOptions(
+        classnames=cfg.eval.classnames or demo, templates=cfg.eval.templates or demo
+    )
 
 
 def evaluate_clip(

@@ -36,13 +36,18 @@ class RandState:
 Embedded = dict[str, Any]
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 embeddings are widened; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _surrogate(out: Embedded, grads: Embedded) -> torch.Tensor:
     """sum(<output, cached grad>) whose backward pushes the cached grads into the towers."""
-    total = torch.zeros((), device=out["q"].device, dtype=torch.float32)
+    total = torch.zeros((), device=out["q"].device, dtype=_wide(out["q"]).dtype)
     for name, g in grads.items():
         if g is None or out.get(name) is None:
             continue
-        total = total + (out[name].float() * g).sum()
+        total = total + (_wide(out[name]) * g).sum()
     return total
 
 
@@ -71,10 +76,10 @@ def gradcache_step(
             cached.append(embed(mb))
     # (2) loss on the full batch; gradients w.r.t. the embeddings (and the scale/bias leaves).
     names = [n for n in ("q", "k", "hard_negatives") if cached[0].get(n) is not None]
-    leaves = {n: torch.cat([c[n] for c in cached]).detach().float().requires_grad_() for n in names}
+    leaves = {n: _wide(torch.cat([c[n] for c in cached])).detach().requires_grad_() for n in names}
     for n in ("logit_scale", "logit_bias"):
         if cached[0].get(n) is not None:
-            leaves[n] = cached[0][n].detach().float().requires_grad_()
+            leaves[n] = _wide(cached[0][n]).detach().requires_grad_()
     loss = loss_fn(leaves)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     gmap = dict(zip(leaves.keys(), grads))

@@ -27,21 +27,13 @@ from clipkit.losses import build_loss
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from clipkit.train.optim import build_optimizer, lr_lambda
 from clipkit.train.step import step_gradients
-from clipkit.train.task import get_task
+from clipkit.train.task import TrainData, get_task
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_nonfinite`` consecutive non-finite losses."""
-
-
-def _as_dict(out: Any) -> dict[str, Any]:
-    """Accept a task's ``(q, k, hard_negatives)`` tuple or a dict with scale/bias."""
-    if isinstance(out, dict):
-        return out
-    q, k, hn = out
-    return {"q": q, "k": k, "hard_negatives": hn}
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -78,8 +70,15 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ----------------------------------------------- model, data, loss, optimiser
     model = task.build_model(cfg)
+    # Evaluation inputs are checked now: a typo in eval.* costs seconds, not a training run.
+    task.check_inputs(cfg, model)
     loss_fn = build_loss(cfg.loss)
     data = task.build_train_data(cfg, model, accelerator.process_index, accelerator.num_processes)
+    if not isinstance(data, TrainData):
+        raise TypeError(
+            f"task '{cfg.task}': build_train_data returned {type(data).__name__}, "
+            "which does not follow clipkit.train.task.TrainData"
+        )
     accum = cfg.train.accum_steps
     steps_per_epoch = data.num_batches // accum
     if steps_per_epoch < 1:
@@ -124,10 +123,16 @@ def train(cfg: Config) -> dict[str, Any]:
         dev = accelerator.device
         mb = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         with accelerator.autocast():
-            out = _as_dict(task.embed(model, mb))
-        if out.get("logit_scale") is None:
-            out["logit_scale"] = task.logit_scale(unwrapped)
-        return out
+            e = task.embed(model, mb)
+        scale = e.logit_scale if e.logit_scale is not None else task.logit_scale(unwrapped)
+        # GradCache works on a plain dict of the loss's inputs.
+        return {
+            "q": e.q,
+            "k": e.k,
+            "hard_negatives": e.hard_negatives,
+            "logit_scale": scale,
+            "logit_bias": e.logit_bias,
+        }
 
     def compute_loss(e: dict[str, Any]) -> torch.Tensor:
         return loss_fn(
@@ -138,17 +143,36 @@ def train(cfg: Config) -> dict[str, Any]:
             logit_bias=e.get("logit_bias"),
         )
 
+    errors: dict[str, str] = {}  # what failed after the state was safe: shown, never fatal
+
     def evaluate() -> dict[str, float]:
+        """The task's evaluation at ``step``; a failure is reported in one line, not raised.
+
+        Caveat: a failure on one rank only, while the others wait in a collective, still hangs
+        until the process group's timeout (evaluation inputs are checked at start to make that
+        rare).
+        """
         model.eval()
-        with torch.no_grad():
-            metrics = task.evaluate(cfg, unwrapped, accelerator)
-        model.train()
+        try:
+            with torch.no_grad():
+                metrics = task.evaluate(cfg, unwrapped, accelerator, step)
+        except Exception as err:  # any evaluator failure must leave the run intact
+            first = (str(err).splitlines() or [""])[0]
+            errors["eval/error"] = f"step {step}: {type(err).__name__}: {first}"
+            accelerator.print(f"evaluation failed at step {step}: {type(err).__name__}: {first}")
+            metrics = {}
+        finally:
+            model.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
 
+    saved_at = step if ckpt is not None else -1  # the step whose state is on disk
+
     def checkpoint() -> None:
+        nonlocal saved_at
         gathered = _gather_objects(accelerator, data.state_dict())
         state = {"step": step, "epoch": epoch, "samples_seen": samples_seen, "data": gathered}
         save_checkpoint(accelerator, run_dir, step, state, config_yaml, cfg.train.keep_last)
+        saved_at = step
 
     # ------------------------------------------------------------------ steps
     global_batch = cfg.train.batch_size * accum * accelerator.num_processes
@@ -178,7 +202,7 @@ def train(cfg: Config) -> dict[str, Any]:
             except StopIteration:
                 if full_epoch and got_in_epoch == 0:
                     # Every sample was skipped: rolling on would spin through empty epochs forever.
-                    skips = {k: v for k, v in getattr(data, "stats", {}).items() if v}
+                    skips = {k: v for k, v in data.stats.items() if v}
                     raise ValueError(
                         f"data: epoch {epoch} gave process {accelerator.process_index} no usable "
                         f"batch (skipped: {skips or 'nothing'}); check data.train"
@@ -248,25 +272,37 @@ def train(cfg: Config) -> dict[str, Any]:
             t_last, wait_time, step_time, last_logged = now, 0.0, 0.0, step
             bar.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
             _record(accelerator, metrics_file, step, logs, history)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-            _record(accelerator, metrics_file, step, evaluate(), history)
+        # The checkpoint first: an evaluation that fails or hangs must not cost this step.
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             checkpoint()
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+            _record(accelerator, metrics_file, step, evaluate(), history)
     bar.close()
 
-    # ------------------------------------------------------------- final eval + export
+    # ------------------------------------------ final checkpoint + export, THEN evaluation
+    # The run's state and its export are written before anything that may fail, so a bad
+    # evaluation set costs a line in the log, never the run.
+    if saved_at != step:
+        checkpoint()
+    if main:
+        try:
+            task.export(cfg, unwrapped, str(run_dir / "export"))
+        except Exception as err:  # the checkpoint is safe; say what failed and go on
+            first = (str(err).splitlines() or [""])[0]
+            errors["export/error"] = f"{type(err).__name__}: {first}"
+            accelerator.print(f"export failed: {errors['export/error']}")
+    accelerator.wait_for_everyone()
     final = evaluate()
     _record(accelerator, metrics_file, step, final, history)
-    checkpoint()
-    if main:
-        task.export(cfg, unwrapped, str(run_dir / "export"))
-    result = {"step": step, "epoch": epoch, "samples_seen": samples_seen, **final}
+    result = {"step": step, "epoch": epoch, "samples_seen": samples_seen, **final, **errors}
     result["train/final_loss"] = next(
         (h["train/loss"] for h in reversed(history) if "train/loss" in h), math.nan
     )
-    result["data/stats"] = dict(getattr(data, "stats", {}) or {})
+    result["data/stats"] = dict(data.stats)
     if main:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+        tmp = run_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(run_dir / "metrics.json")
     accelerator.end_training()
     return result
 

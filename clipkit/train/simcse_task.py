@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from clipkit.config.schema import Config
+from clipkit.data.sentences import SentenceBatches
 from clipkit.models.sentence_encoder import SentenceEncoder
+from clipkit.train.task import Embeddings
 
 
 def _unwrap(model: nn.Module) -> SentenceEncoder:
@@ -64,52 +66,61 @@ class SimCSETask:
     """Unsupervised (``.txt``) or supervised (``.csv``) SimCSE; see the module docstring."""
 
     def __init__(self) -> None:
-        self._data: Any = None
         self._sets: list[Any] | None = None
 
     # --------------------------------------------------------------- model and data
     def build_model(self, cfg: Config) -> nn.Module:
-        """Encoder ``model.hf_text_model`` ("" = packaged MiniLM) with ``model.pooling``."""
-        if cfg.model.max_length < 2:
-            raise ValueError(f"model.max_length must be >= 2, got {cfg.model.max_length}")
-        if cfg.model.mlp_train_only and cfg.model.pooling != "cls_mlp":
+        """Encoder ``model.hf_text_model`` ("" = packaged MiniLM) with ``simcse.pooling``."""
+        sc = cfg.simcse
+        if sc.max_length < 2:
+            raise ValueError(f"simcse.max_length must be >= 2, got {sc.max_length}")
+        if sc.mlp_train_only and sc.pooling != "cls_mlp":
             raise ValueError(
-                f"model.mlp_train_only=true needs model.pooling=cls_mlp, got '{cfg.model.pooling}'"
+                f"simcse.mlp_train_only=true needs simcse.pooling=cls_mlp, got '{sc.pooling}'"
             )
         return SentenceEncoder.from_pretrained(
-            cfg.model.hf_text_model,
-            pooling=cfg.model.pooling,
-            mlp_train_only=cfg.model.mlp_train_only,
+            cfg.model.hf_text_model, pooling=sc.pooling, mlp_train_only=sc.mlp_train_only
         )
 
-    def build_train_data(self, cfg: Config, model: nn.Module, rank: int, world_size: int) -> Any:
+    def check_inputs(self, cfg: Config, model: nn.Module) -> None:
+        """``eval.sts`` loads (read once here and kept for every evaluation)."""
+        if cfg.eval.sts:
+            from clipkit.eval.sts import load_sts
+
+            try:
+                self._sets = load_sts(cfg.eval.sts)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"eval.sts={cfg.eval.sts}: {err}") from None
+
+    def build_train_data(
+        self, cfg: Config, model: nn.Module, rank: int, world_size: int
+    ) -> SentenceBatches:
         """Batches of ``data.train`` (optionally with mined hard negatives), sharded by rank."""
-        from clipkit.data.sentences import SentenceBatches, mine_hard_negatives, read_sentences
+        from clipkit.data.sentences import mine_hard_negatives, read_sentences
 
         if not cfg.data.train:
             raise ValueError("data.train is empty: give a .txt (unsupervised) or .csv (supervised)")
         m = _unwrap(model)
         rows = read_sentences(cfg.data.train)
         stats: dict[str, int] = {}
-        if cfg.data.mine_negatives > 0:
+        if cfg.simcse.mine_negatives > 0:
             # Every rank mines the same negatives (same weights, deterministic): no exchange.
             rows, stats = mine_hard_negatives(
                 rows,
                 lambda s: m.encode(s, batch_size=cfg.eval.batch_size, progress=rank == 0),
-                cfg.data.mine_negatives,
-                cfg.data.mine_max_sim,
+                cfg.simcse.mine_negatives,
+                cfg.simcse.mine_max_sim,
                 seed=cfg.train.seed,
             )
         data = SentenceBatches(
             rows,
-            lambda texts: m.tokenize(texts, max_length=cfg.model.max_length),
+            lambda texts: m.tokenize(texts, max_length=cfg.simcse.max_length),
             cfg.train.batch_size,
             seed=cfg.train.seed,
             rank=rank,
             world_size=world_size,
         )
         data.stats.update(stats)
-        self._data = data
         if not cfg.train.resume and rank == 0:  # a fresh run: forget an earlier run's records
             run_dir = Path(cfg.train.output_dir).expanduser().resolve()
             for old in (run_dir / "sts_eval.jsonl", run_dir / "best" / "best.json"):
@@ -120,32 +131,24 @@ class SimCSETask:
 
             self._sets = self._sets or load_sts(cfg.eval.sts)
             res = sts_scores(lambda s: m.encode(s, batch_size=cfg.eval.batch_size), self._sets)
-            self._record(cfg, m, *self._summarise(res))
+            self._record(cfg, m, 0, *self._summarise(res))
         return data
 
-    def embed(
-        self, model: nn.Module, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         """One forward over all columns; split into anchors, positives and hard negatives."""
         n = len(batch["key"])
         z = model(batch["input_ids"], batch["attention_mask"])  # (c*n, D), normalised
         hard = z[2 * n :] if z.shape[0] > 2 * n else None  # (h*n, D)
-        return z[:n], z[n : 2 * n], hard
+        return Embeddings(q=z[:n], k=z[n : 2 * n], hard_negatives=hard)
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
         """None: the loss module's fixed temperature (``loss.temperature``) is used."""
         return None
 
     # --------------------------------------------------------------- evaluation
-    def _step(self, cfg: Config) -> int:
-        """The optimiser step reached, from the data position (survives resume)."""
-        d = self._data
-        if d is None:
-            return 0
-        per_epoch = d.num_batches // cfg.train.accum_steps
-        return d.epoch * per_epoch + d.position // cfg.train.accum_steps
-
-    def evaluate(self, cfg: Config, model: nn.Module, accelerator: Any) -> dict[str, float]:
+    def evaluate(
+        self, cfg: Config, model: nn.Module, accelerator: Any, step: int
+    ) -> dict[str, float]:
         """STS Spearman x 100 on ``eval.sts``; keeps ``<output_dir>/best`` and the plot."""
         from clipkit.eval.sts import load_sts, sts_scores
 
@@ -159,7 +162,7 @@ class SimCSETask:
         )
         main_value, metrics = self._summarise(res)
         if accelerator.is_main_process:
-            self._record(cfg, m, main_value, metrics)
+            self._record(cfg, m, step, main_value, metrics)
         return metrics
 
     @staticmethod
@@ -173,10 +176,11 @@ class SimCSETask:
         metrics["sts/main"] = main_value
         return main_value, metrics
 
-    def _record(self, cfg: Config, m: SentenceEncoder, value: float, metrics: dict) -> None:
+    def _record(
+        self, cfg: Config, m: SentenceEncoder, step: int, value: float, metrics: dict
+    ) -> None:
         run_dir = Path(cfg.train.output_dir).expanduser().resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        step = self._step(cfg)
         log = run_dir / "sts_eval.jsonl"
         with log.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")

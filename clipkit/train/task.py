@@ -1,18 +1,60 @@
-"""The contract between the one training loop and what it trains (CLIP or SimCSE).
+"""The contract between the one training loop and what it trains (CLIP, SimCSE, next SSL).
 
 ``train(cfg)`` in :mod:`clipkit.train.loop` is written once; a task supplies the model, the
-data, how a batch becomes embeddings, evaluation and export. Tasks are chosen by ``cfg.task``
-from :data:`TASKS`.
+data, how a micro-batch becomes embeddings, an input check, evaluation and export. The three
+Protocols below are the whole contract; tasks are chosen by ``cfg.task`` from :data:`TASKS`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from clipkit.config.schema import Config
+
+
+@dataclass
+class Embeddings:
+    """What :meth:`Task.embed` returns for one micro-batch: the loss's inputs, one shape.
+
+    ``q`` and ``k`` are L2-normalised ``(B, D)`` rows where ``q[i]`` and ``k[i]`` are a positive
+    pair. ``logit_scale`` / ``logit_bias`` come out of the model's forward (so DDP all-reduces
+    their gradients with the towers'); ``logit_scale=None`` means the loss module's own
+    temperature is used.
+    """
+
+    q: torch.Tensor  # (B, D)
+    k: torch.Tensor  # (B, D)
+    hard_negatives: torch.Tensor | None = None  # (B * h, D)
+    logit_scale: torch.Tensor | None = None  # () exponentiated
+    logit_bias: torch.Tensor | None = None  # () SigLIP only
+
+
+@runtime_checkable
+class TrainData(Protocol):
+    """The training data a task hands the loop: an iterable of micro-batches.
+
+    Each micro-batch is a dict of tensors (moved to the device by the loop) plus a ``"key"``
+    list naming its samples. One pass of ``iter(data)`` is one epoch of this process's share.
+    """
+
+    num_batches: int  # micro-batches per epoch for this process (equal on every rank)
+    stats: dict[str, int]  # skip counters (unreadable samples, damaged shards ...)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-plan for ``epoch`` (shuffles are seeded from ``(seed, epoch)``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position in the epoch, for a checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (same epoch, next unseen sample)."""
 
 
 class Task(Protocol):
@@ -21,38 +63,55 @@ class Task(Protocol):
     def build_model(self, cfg: Config) -> nn.Module:
         """The trainable module (owns its log-temperature when it learns one)."""
 
-    def build_train_data(self, cfg: Config, model: nn.Module, rank: int, world_size: int) -> Any:
-        """An iterable of micro-batches (dicts of tensors + ``"key"`` list) with
-        ``state_dict()``/``load_state_dict()`` for exact resume and ``set_epoch(epoch)``."""
+    def check_inputs(self, cfg: Config, model: nn.Module) -> None:
+        """Fail in seconds, before any training, when an evaluation input is missing,
+        unreadable or inconsistent (``ValueError``, one line naming the key and path)."""
 
-    def embed(
-        self, model: nn.Module, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | dict[str, Any]:
-        """Micro-batch -> ``(q (B, D), k (B, D), hard_negatives (B*h, D) | None)``, normalised,
-        or a dict with those keys plus ``logit_scale``/``logit_bias`` taken from the model's
-        forward (so DDP all-reduces their gradients with the towers')."""
+    def build_train_data(
+        self, cfg: Config, model: nn.Module, rank: int, world_size: int
+    ) -> TrainData:
+        """This process's share of the training data (see :class:`TrainData`)."""
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
+        """One micro-batch (already on the device) -> :class:`Embeddings`."""
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
-        """The model's exponentiated scale, or None to use the loss module's own temperature."""
+        """The model's exponentiated scale, or None to use the loss module's own temperature
+        (used when :meth:`embed` leaves ``logit_scale`` unset)."""
 
-    def evaluate(self, cfg: Config, model: nn.Module, accelerator: Any) -> dict[str, float]:
-        """Flat metrics dict, e.g. ``{"zeroshot/digits/acc1": 0.9}``; run on every rank."""
+    def evaluate(self, cfg: Config, model: nn.Module, accelerator: Any, step: int) -> dict:
+        """Flat metrics dict at optimiser step ``step``, e.g. ``{"zeroshot/digits/acc1": 0.9}``;
+        called on every rank (evaluators split the data over ranks and gather)."""
 
     def export(self, cfg: Config, model: nn.Module, out_dir: str) -> None:
         """Write the user-facing model format (open_clip export or sentence-transformers)."""
 
 
+def _clip() -> Task:
+    from clipkit.train.clip_task import ClipTask
+
+    return ClipTask()
+
+
+def _simcse() -> Task:
+    from clipkit.train.simcse_task import SimCSETask
+
+    return SimCSETask()
+
+
+# Name -> factory; factories import lazily so a task's heavy dependencies load only when used.
+TASKS: dict[str, Callable[[], Task]] = {"clip": _clip, "simcse": _simcse}
+
+
 def get_task(name: str) -> Task:
-    """Look a task up by name; unknown names list the valid ones."""
-    if name == "clip":
-        from clipkit.train.clip_task import ClipTask
+    """Look a task up by name in :data:`TASKS`.
 
-        return ClipTask()
-    if name == "simcse":
-        from clipkit.train.simcse_task import SimCSETask
-
-        return SimCSETask()
-    raise ValueError(f"unknown task '{name}'; valid: clip, simcse")
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'; valid: {', '.join(TASKS)}")
+    return TASKS[name]()
 
 
-__all__ = ["Task", "get_task"]
+__all__ = ["TASKS", "Embeddings", "Task", "TrainData", "get_task"]

@@ -75,7 +75,7 @@ def test_mlp_only_in_training(bert_dir):
 
 
 def test_bad_inputs(bert_dir, tmp_path):
-    with pytest.raises(ValueError, match="model.pooling='max'"):
+    with pytest.raises(ValueError, match="simcse.pooling='max'"):
         SentenceEncoder.from_pretrained(str(bert_dir), pooling="max")
     with pytest.raises(ValueError, match="model path not found"):
         SentenceEncoder.from_pretrained(str(tmp_path / "no_such_model"))

@@ -25,7 +25,7 @@ def main(out: str, model_dir: str, data: str, global_batch: int, accum: int) -> 
         [
             f"model.hf_text_model={model_dir}",
             f"data.train={data}",
-            "model.max_length=16",
+            "simcse.max_length=16",
             f"train.batch_size={global_batch // w // accum}",
             f"train.accum_steps={accum}",
             "eval.sts=",
@@ -44,8 +44,8 @@ def main(out: str, model_dir: str, data: str, global_batch: int, accum: int) -> 
     model.train()
 
     def embed(mb):
-        q, k, hn = task.embed(model, mb)
-        return {"q": q, "k": k, "hard_negatives": hn}
+        e = task.embed(model, mb)
+        return {"q": e.q, "k": e.k, "hard_negatives": e.hard_negatives}
 
     def compute_loss(e):
         return loss_fn(e["q"], e["k"], hard_negatives=e["hard_negatives"])

@@ -166,3 +166,51 @@ def test_all_corrupt_data_fails_instead_of_spinning(tmp_path):
         "error: data: epoch 0 gave process 0 no usable batch "
         "(skipped: {'corrupt_image': 40}); check data.train"
     ]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("eval.zeroshot=/nonexistent/test.tar", "/nonexistent/test.tar"),
+        ("eval.retrieval=/nonexistent/captions.tsv", "/nonexistent/captions.tsv"),
+    ],
+)
+def test_missing_eval_set_fails_at_start_in_one_line(tmp_path, cache, capsys, override, needle):
+    """A typo in an evaluation path costs seconds: nothing is trained, one line names it."""
+    assert main(_common(tmp_path, cache, "bad") + [override, "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and override.split("=")[0] in err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_unreadable_eval_set_fails_at_start(tmp_path, cache, capsys):
+    bad = tmp_path / "garbage.tar"
+    bad.write_bytes(b"this is not a tar archive" * 100)
+    argv = _common(tmp_path, cache, "bad") + [f"eval.zeroshot={bad}", "train.max_steps=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_failing_final_evaluation_keeps_checkpoint_and_export(tmp_path, cache, capsys, monkeypatch):
+    """An evaluator that raises after training: the state and the export are already written."""
+    from clipkit.train.clip_task import ClipTask
+
+    def broken(self, cfg, model, accelerator, step):
+        raise RuntimeError(f"evaluator exploded at step {step}\nsecond line of the message")
+
+    monkeypatch.setattr(ClipTask, "evaluate", broken)
+    assert main(_common(tmp_path, cache, "run") + ["train.max_steps=3"]) == 1
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step_0000003" / "trainer_state.json").is_file()
+    assert (run / "export" / "open_clip_model.safetensors").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 3
+    assert metrics["eval/error"] == "step 3: RuntimeError: evaluator exploded at step 3"
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert err == ["error: eval failed: step 3: RuntimeError: evaluator exploded at step 3"]
+    # The saved state is whole: the run resumes from it (nothing left to train, so it only
+    # evaluates again, and fails again in the same one line).
+    assert main(_common(tmp_path, cache, "run") + ["train.max_steps=3", "train.resume=latest"]) == 1

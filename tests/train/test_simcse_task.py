@@ -63,7 +63,7 @@ def _cfg(files, name: str, *extra: str):
             f"eval.sts={files['sts']}",
             f"train.output_dir={files['dir'] / 'run'}",
             "train.batch_size=8",
-            "model.max_length=16",
+            "simcse.max_length=16",
             *extra,
         ],
     )
@@ -77,17 +77,18 @@ def test_embed_layout_and_dropout_views(files):
     batch = next(iter(data))
     assert batch["input_ids"].shape[0] == 16 and len(batch["key"]) == 8
     model.train()
-    q, k, hn = task.embed(model, batch)
-    assert q.shape == k.shape == (8, 32) and hn is None
+    e = task.embed(model, batch)
+    q, k = e.q, e.k
+    assert q.shape == k.shape == (8, 32) and e.hard_negatives is None
     assert not torch.allclose(q, k)  # two dropout masks
     torch.testing.assert_close(q.norm(dim=-1), torch.ones(8))
     model.eval()
-    q, k, _ = task.embed(model, batch)
-    torch.testing.assert_close(q, k)  # same sentences, no dropout
-    sup = _cfg(files, "sup", "data.mine_negatives=2")
+    e = task.embed(model, batch)
+    torch.testing.assert_close(e.q, e.k)  # same sentences, no dropout
+    sup = _cfg(files, "sup", "simcse.mine_negatives=2")
     sdata = task.build_train_data(sup, model, 0, 1)
     assert sdata.stats["mined"] == 2 * 48
-    q, k, hn = task.embed(model, next(iter(sdata)))
+    hn = task.embed(model, next(iter(sdata))).hard_negatives
     assert hn.shape == (8 * 3, 32)  # the CSV's hard negative + 2 mined
 
 
@@ -108,7 +109,7 @@ def test_shared_loop_run_exports_sentence_transformers(files, tmp_path):
         "train.trackers=[]",
         "optim.cooldown_steps=4",
         "train.batch_size=4",
-        "data.mine_negatives=1",
+        "simcse.mine_negatives=1",
     )
     result = train(cfg)
     assert "eval/sts/sts-dev/spearman" in result and (out / "sts_dev.png").stat().st_size > 0

@@ -24,8 +24,11 @@ def test_two_processes_equal_one(tmp_path, torchrun):
         ref = one[case.split("/")[0] + "/1"]  # one process, whole batch, no accumulation
         assert ref.keys() == two[case].keys() and "clip.logit_scale" in ref
         for name in ref:
-            torch.testing.assert_close(
-                two[case][name], ref[name], rtol=1e-5, atol=1e-6, msg=f"{case} {name}"
-            )
+            got, want = two[case][name], ref[name]
+            assert got.dtype == want.dtype == torch.float64
+            # float64: only the summation order differs (DDP's all-reduce, the tiled loss's
+            # chunks), so the norm-wise relative error is ~1e-15; 1e-10 leaves ample room.
+            err = (got - want).norm() / want.norm().clamp_min(1e-300)
+            assert err < 1e-10, f"{case} {name}: norm-wise relative error {err:.2e}"
         if case.startswith("siglip"):
             assert "clip.logit_bias" in ref
