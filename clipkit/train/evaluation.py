@@ -168,9 +168,10 @@ def _check_retrieval(cfg: Config, model: DualEncoder, spec: str) -> None:
 def check_eval_inputs(cfg: Config, model: Any) -> None:
     """Fail fast on evaluation inputs that would fail at the end of training.
 
-    Every configured set (``eval.zeroshot`` or the built-in demo's test split, ``eval.retrieval``
-    for ``task=clip``; ``eval.sts`` for ``task=simcse``) must exist, open with the reader that
-    ``clipkit eval`` and the in-training evaluation use, and yield a readable first sample
+    Every configured set of the CLIP task (``eval.zeroshot`` or the built-in demo's test split,
+    ``eval.retrieval``; SimCSE checks ``eval.sts`` in its own ``check_inputs``) must exist, open
+    with the reader that ``clipkit eval`` and the in-training evaluation use, and yield a
+    readable first sample
     (within the first few: a single bad image is skipped by the evaluation too); the class names
     (``eval.classnames``, or the data's own when empty) must resolve, and their count must match
     the set's classes (ImageFolder folders, CLIP_benchmark's classnames.txt) or, for ``cls``
@@ -189,18 +190,10 @@ def check_eval_inputs(cfg: Config, model: Any) -> None:
     Example:
         >>> check_eval_inputs(cfg, model)  # at the start of train(cfg), before any step
     """
-    if cfg.task == "clip":
-        from clipkit.train.clip_task import resolve_data
+    from clipkit.train.clip_task import resolve_data
 
-        _, zs_spec = resolve_data(cfg)
-        if zs_spec:
-            _check_zeroshot(cfg, model, zs_spec)
-        if cfg.eval.retrieval:
-            _check_retrieval(cfg, model, cfg.eval.retrieval)
-    if cfg.task == "simcse" and cfg.eval.sts:
-        from clipkit.eval.sts import load_sts
-
-        try:
-            load_sts(cfg.eval.sts)
-        except (ValueError, OSError) as err:
-            raise ValueError(f"eval.sts={cfg.eval.sts}: {err}") from None
+    _, zs_spec = resolve_data(cfg)
+    if zs_spec:
+        _check_zeroshot(cfg, model, zs_spec)
+    if cfg.eval.retrieval:
+        _check_retrieval(cfg, model, cfg.eval.retrieval)

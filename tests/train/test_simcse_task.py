@@ -150,3 +150,27 @@ def test_two_processes_equal_one(files, tmp_path, torchrun):
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(two_acc[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_missing_or_unreadable_sts_set_fails_at_start(tmp_path):
+    """``eval.sts`` is read in check_inputs (before the encoder loads or any step runs)."""
+    task = SimCSETask()
+    missing = tmp_path / "nope" / "sts-dev.csv"
+    cfg = load_config(None, ["task=simcse", f"eval.sts={missing}"])
+    with pytest.raises(ValueError) as info:
+        task.check_inputs(cfg, None)
+    msg = str(info.value)
+    assert msg.startswith(f"eval.sts={missing}: ") and len(msg.splitlines()) == 1, msg
+    garbage = tmp_path / "sts.csv"
+    garbage.write_text("just one column\nand no scores\n")
+    cfg = load_config(None, ["task=simcse", f"eval.sts={garbage}"])
+    with pytest.raises(ValueError, match=f"eval.sts={garbage}: "):
+        task.check_inputs(cfg, None)
+
+
+def test_moved_simcse_keys_say_where_they_went():
+    from clipkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'model.pooling' is now 'simcse.pooling'"):
+        load_config(None, ["model.pooling=cls"])
+    assert load_config(None, ["simcse.mine_negatives=2"]).simcse.mine_negatives == 2
