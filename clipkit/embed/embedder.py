@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 
 from clipkit.data.decode import DecodeError, open_pil, to_rgb
-from clipkit.models import DualEncoder, build_dual_encoder, load_dual_encoder
-from clipkit.models.dual_encoder import EXPORT_CONFIG
+from clipkit.models import DualEncoder
 
 ImageInput = Any  # str | Path | PIL.Image.Image | bytes | np.ndarray
 # PIL's own decompression-bomb threshold; callers (the service) may lower it.
@@ -136,11 +135,12 @@ class Embedder:
         device: str | None = None,
         precision: str | None = None,
     ) -> Embedder:
-        """Load from an export dir, a training run dir (its ``export/``) or ``open_clip:ARCH``.
+        """Load from an export dir, a training run dir (its ``export/``), a checkpoint folder or
+        ``open_clip:ARCH`` (see :func:`clipkit.models.load.load_model`).
 
         Args:
             source: export folder (``open_clip_config.json`` + weights), run folder holding
-                ``export/``, or ``open_clip:ARCH`` (open_clip architecture name).
+                ``export/``, checkpoint folder, or ``open_clip:ARCH`` (architecture name).
             weights: local weights file for ``open_clip:ARCH`` (random init when omitted).
             device: ``cpu``/``cuda``; default cuda when available.
             precision: ``fp32``/``fp16``/``bf16``; default fp16 on cuda, fp32 on cpu.
@@ -148,25 +148,10 @@ class Embedder:
         Raises:
             ValueError: the source is none of those, or a weights file is missing.
         """
-        s = str(source)
-        if s.startswith("open_clip:"):
-            from clipkit.config.schema import ModelConfig
+        from clipkit.models.load import load_model
 
-            if weights and not Path(weights).expanduser().is_file():
-                raise ValueError(f"weights file not found: {weights}")
-            model = build_dual_encoder(
-                ModelConfig(name=s.split(":", 1)[1], pretrained=weights or "")
-            )
-            return cls(model, device, precision, name=s)
-        p = Path(s).expanduser()
-        if (p / "export" / EXPORT_CONFIG).is_file():
-            p = p / "export"
-        if not (p / EXPORT_CONFIG).is_file():
-            raise ValueError(
-                f"model '{s}': not an export folder ({EXPORT_CONFIG}), a run folder with export/, "
-                "or open_clip:ARCH"
-            )
-        return cls(load_dual_encoder(p), device, precision, name=str(p))
+        model, name = load_model(str(source), weights or "", seed=None)
+        return cls(model, device, precision, name=name)
 
     # ------------------------------------------------------------------ forward
     def _forward(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

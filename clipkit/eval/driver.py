@@ -48,74 +48,11 @@ def pick_device(spec: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_checkpoint(path: Path) -> Any:
-    """A training checkpoint: rebuild the model from its config.yaml, then load its weights."""
-    from safetensors.torch import load_file
-
-    from clipkit.config.loader import load_config
-    from clipkit.models import build_dual_encoder
-
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"checkpoint {path} has config.yaml but no model.safetensors")
-    cfg = load_config(path / "config.yaml")
-    if cfg.task != "clip":
-        raise ValueError(f"checkpoint {path} is a '{cfg.task}' model, not an image-text model")
-    model = build_dual_encoder(cfg.model, cfg.loss)
-    state = load_file(str(weights))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        bad = (missing or unexpected)[0]
-        raise ValueError(f"checkpoint {weights} does not fit its config.yaml (key '{bad}')")
-    return model
-
-
 def load_model(spec: str, pretrained: str = "", seed: int = 0) -> Any:
-    """A DualEncoder from ``--model``/``--pretrained``.
+    """A DualEncoder from ``--model``/``--pretrained`` (:func:`clipkit.models.load.load_model`)."""
+    from clipkit.models.load import load_model as load
 
-    Args:
-        spec: export folder (``open_clip_config.json`` + weights), run folder holding
-            ``export/``, checkpoint folder (``config.yaml`` + ``model.safetensors``), or
-            ``open_clip:ARCH`` (an open_clip or clipkit architecture name).
-        pretrained: for ``open_clip:ARCH``, a local weights file; empty means random weights
-            drawn with ``seed`` (useful for tests, meaningless as a score).
-        seed: seed of the random initialisation.
-
-    Returns:
-        The model on the CPU, in training mode as built (callers put it in eval mode).
-
-    Raises:
-        ValueError: nothing loadable at ``spec``, or ``pretrained`` is not a local file.
-
-    Example:
-        >>> model = load_model("runs/digits").eval()  # uses runs/digits/export
-    """
-    from clipkit.config.schema import ModelConfig
-    from clipkit.models import build_dual_encoder, load_dual_encoder
-    from clipkit.models.dual_encoder import EXPORT_CONFIG
-
-    if spec.startswith("open_clip:"):
-        arch = spec.split(":", 1)[1]
-        if pretrained and not Path(pretrained).expanduser().is_file():
-            raise ValueError(f"--pretrained must be a local weights file; not found: {pretrained}")
-        if not pretrained:
-            print(f"warning: {arch} with random weights (seed {seed})", file=sys.stderr)
-        torch.manual_seed(seed)
-        return build_dual_encoder(ModelConfig(name=arch, pretrained=pretrained))
-    if pretrained:
-        raise ValueError("--pretrained applies only to --model open_clip:ARCH")
-    p = Path(spec).expanduser()
-    if (p / EXPORT_CONFIG).is_file():
-        return load_dual_encoder(p)
-    if (p / "export" / EXPORT_CONFIG).is_file():
-        return load_dual_encoder(p / "export")
-    if (p / "config.yaml").is_file():
-        return _load_checkpoint(p)
-    raise ValueError(
-        f"--model {spec}: not an export folder ({EXPORT_CONFIG}), a run folder with export/, "
-        "a checkpoint folder (config.yaml) or open_clip:ARCH"
-    )
+    return load(spec, pretrained, seed)[0]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
