@@ -2,7 +2,8 @@
 
 Subcommands are listed in one explicit registry and imported lazily, so ``clipkit --help`` is
 fast and a missing optional extra only affects its own command. Each command module exposes
-``add_arguments(parser)`` and ``run(args) -> int``.
+``add_arguments(parser)`` and ``run(args) -> int``, or, for an evaluator, an ``EVALUATOR``
+(:class:`clipkit.eval.driver.Evaluator`) that the driver turns into the command.
 """
 
 from __future__ import annotations
@@ -83,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     if module.__doc__:  # the module docstring holds the command's long help and examples
         leaf.description = module.__doc__.strip().replace("``", "")
         leaf.formatter_class = argparse.RawDescriptionHelpFormatter
-    module.add_arguments(leaf)
+    evaluator = getattr(module, "EVALUATOR", None)
+    if evaluator is not None:  # an evaluator's command is built by the one driver
+        from clipkit.eval import driver
+
+        driver.add_arguments(leaf, evaluator)
+    else:
+        module.add_arguments(leaf)
     args = parser.parse_args(argv)
     try:
+        if evaluator is not None:
+            return driver.run_cli(evaluator, args)
         return int(module.run(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as err:
         print(f"clipkit {' '.join(key)}: error: {err}", file=sys.stderr)

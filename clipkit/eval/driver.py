@@ -16,8 +16,9 @@ pure function, and the CLIP_benchmark task name. The driver does the rest, once,
   (:meth:`Report.scalars`).
 
 Adding an evaluator (kNN, linear probe): write the pure function, a ``run(ctx)`` of a few lines,
-an ``Evaluator(...)``, and a ``clipkit/eval/<name>_cli.py`` with ``add_arguments`` / ``run`` that
-call :func:`add_arguments` / :func:`run_cli`; list it in ``clipkit.cli.COMMANDS``.
+an ``Evaluator(...)`` named ``EVALUATOR`` in a ``clipkit/eval/<name>_cli.py`` whose docstring is
+the command's help; list that module in ``clipkit.cli.COMMANDS`` (the console script builds the
+command with :func:`add_arguments` and runs it with :func:`run_cli`).
 """
 
 from __future__ import annotations

@@ -109,15 +109,3 @@ EVALUATOR = driver.Evaluator(
     add_options=_add_options,
     prepare=_prepare,
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the command's options."""
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    driver.add_arguments(parser, EVALUATOR)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, write the JSON, print a one-line summary. Returns the exit status."""
-    return driver.run_cli(EVALUATOR, args)

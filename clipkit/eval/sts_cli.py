@@ -94,13 +94,3 @@ EVALUATOR = driver.Evaluator(
     defaults={"batch_size": 128, "workers": 0},
     bootstrap=False,
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the command's options."""
-    driver.add_arguments(parser, EVALUATOR)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, print one line per set and write the JSON; returns the exit status."""
-    return driver.run_cli(EVALUATOR, args)

@@ -210,9 +210,10 @@ def per_class_recall(
 
 
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(C, C)`` counts; row = true class, column = predicted class."""
-    flat = labels * num_classes + pred
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, -1)
+    """``(C, C)`` counts; row = true class, column = predicted class (scikit-learn's)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    return sk_confusion(labels, pred, labels=np.arange(num_classes))
 
 
 def zero_shot(
