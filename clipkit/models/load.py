@@ -51,7 +51,8 @@ def load_model(spec: str, pretrained: str = "", seed: int | None = 0) -> tuple[D
             ``open_clip:ARCH``.
         pretrained: for ``open_clip:ARCH``, a local weights file; empty means random weights
             drawn with ``seed`` (useful for tests, meaningless as a score; a warning says so).
-        seed: seed of the random initialisation (None: leave torch's RNG as it is).
+        seed: seed of the random initialisation, announced on stderr when there are no weights
+            (None: leave torch's RNG as it is, silently, as ``Embedder.load`` does).
 
     Returns:
         ``(model on the CPU as built, name)``; the name is the folder actually loaded (a run's
@@ -71,9 +72,9 @@ def load_model(spec: str, pretrained: str = "", seed: int | None = 0) -> tuple[D
             raise ValueError(
                 f"weights file not found: {pretrained} (a local file is needed for {spec})"
             )
-        if not pretrained:
-            print(f"warning: {arch} with random weights (seed {seed})", file=sys.stderr)
-        if seed is not None:
+        if seed is not None:  # a reproducible random model (tests, baselines): say so
+            if not pretrained:
+                print(f"warning: {arch} with random weights (seed {seed})", file=sys.stderr)
             torch.manual_seed(seed)
         return build_dual_encoder(ModelConfig(name=arch, pretrained=pretrained)), spec
     if pretrained:
