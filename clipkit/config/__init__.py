@@ -9,6 +9,7 @@ from clipkit.config.schema import (
     ModelConfig,
     OptimConfig,
     SimCSEConfig,
+    SSLConfig,
     TrainConfig,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "SimCSEConfig",
+    "SSLConfig",
     "TrainConfig",
     "load_config",
     "split_cli",

@@ -139,6 +139,12 @@ class EvalConfig:
     batch_size: int = 256
     # Evaluate every N optimiser steps (0 = only at the end).
     every: int = 0
+    # Weighted kNN (InstDisc) of image features: labelled TEST set and the TRAIN set whose
+    # features vote (any layout eval.zeroshot takes); none when empty.
+    knn: str = ""
+    knn_train: str = ""
+    knn_k: int = 200
+    knn_temperature: float = 0.07
 
 
 @dataclass
@@ -157,10 +163,34 @@ class SimCSEConfig:
 
 
 @dataclass
+class SSLConfig:
+    """What only the image self-supervised tasks read (``task=simclr``, ``task=moco``)."""
+
+    # resnet18|resnet34|resnet50 (torchvision), open_clip:ARCH (vision tower) or timm:NAME.
+    backbone: str = "resnet18"
+    # torchvision ResNets: 3x3 stride-1 first conv and no max-pool (SimCLR's CIFAR variant).
+    cifar_stem: bool = True
+    image_size: int = 32
+    # Projection / prediction heads (clipkit.models.ssl.HEADS); "" = the task's paper default.
+    head: str = ""
+    proj_hidden: int = 2048
+    proj_dim: int = 128
+    # Views per image (>= 2) and their augmentations (clipkit.data.views); "" = the task's.
+    views: int = 2
+    recipe: str = ""
+    # MoCo: 2 = v2 (queue, one direction), 3 = v3 (predictor, symmetric, no queue).
+    moco_version: int = 2
+    # Momentum teacher: cosine schedule from momentum to momentum_final (equal: constant).
+    momentum: float = 0.99
+    momentum_final: float = 1.0
+
+
+@dataclass
 class Config:
     """Root configuration."""
 
-    # What is trained: "clip" (image-text dual encoder) or "simcse" (sentence encoder).
+    # What is trained: "clip" (image-text dual encoder), "simcse" (sentence encoder), "simclr"
+    # or "moco" (image self-supervision); see clipkit.train.task.TASKS.
     task: str = "clip"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,3 +200,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Per-task sections: read only by their task.
     simcse: SimCSEConfig = field(default_factory=SimCSEConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)

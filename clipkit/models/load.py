@@ -2,7 +2,9 @@
 
 Accepted: an export folder (``open_clip_config.json`` + weights), a training run folder (its
 ``export/``), a checkpoint folder (``config.yaml`` + ``model.safetensors``), or
-``open_clip:ARCH`` (an open_clip or clipkit architecture, with an optional local weights file).
+``open_clip:ARCH`` (an open_clip or clipkit architecture, with an optional local weights file);
+also an image-SSL export (``ssl_config.json``: an :class:`~clipkit.models.ssl.SSLModel`, whose
+``encode_image`` gives backbone features) or a run folder holding one.
 ``clipkit eval`` and ``clipkit embed`` / ``serve`` both read models through :func:`load_model`.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +46,9 @@ def _load_checkpoint(path: Path) -> DualEncoder:
     return model
 
 
-def load_model(spec: str, pretrained: str = "", seed: int | None = 0) -> tuple[DualEncoder, str]:
+def load_model(
+    spec: str, pretrained: str = "", seed: int | None = 0
+) -> tuple[DualEncoder | Any, str]:
     """A DualEncoder and its canonical name from a model argument.
 
     Args:
@@ -80,6 +85,11 @@ def load_model(spec: str, pretrained: str = "", seed: int | None = 0) -> tuple[D
     if pretrained:
         raise ValueError(f"a weights file applies only to open_clip:ARCH, not to {spec}")
     p = Path(spec).expanduser()
+    from clipkit.models.ssl import SSL_CONFIG, load_ssl_model
+
+    for folder in (p, p / "export"):  # an image-SSL export (backbone features for kNN / probes)
+        if (folder / SSL_CONFIG).is_file():
+            return load_ssl_model(folder), str(folder)
     if (p / EXPORT_CONFIG).is_file():
         return load_dual_encoder(p), str(p)
     if (p / "export" / EXPORT_CONFIG).is_file():

@@ -10,7 +10,7 @@ from torch import nn
 
 from clipkit.config.schema import Config
 from clipkit.models import DualEncoder, build_dual_encoder
-from clipkit.train.task import Embeddings
+from clipkit.train.task import Embeddings, Task
 
 
 def _unwrap(model: nn.Module) -> DualEncoder:
@@ -35,7 +35,7 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return train_spec, zs_spec
 
 
-class ClipTask:
+class ClipTask(Task):
     """Symmetric InfoNCE (or SigLIP) between image and caption embeddings."""
 
     def __init__(self) -> None:

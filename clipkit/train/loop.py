@@ -98,6 +98,11 @@ def train(cfg: Config) -> dict[str, Any]:
     # The scheduler is stepped once per optimiser step on every rank (not prepared: Accelerate
     # would step it num_processes times, assuming it split a prepared dataloader).
     accelerator.register_for_checkpointing(scheduler, loss_fn)
+    # A task's extra state (a momentum teacher): on the device, in every checkpoint, not DDP.
+    extras = task.extra_modules()
+    for name in sorted(extras):
+        extras[name].to(accelerator.device)
+        accelerator.register_for_checkpointing(extras[name])
     config_yaml = to_yaml(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
@@ -240,6 +245,7 @@ def train(cfg: Config) -> dict[str, Any]:
             unwrapped.clamp_logit_scale(cfg.loss.max_logit_scale)
         loss_fn.clamp_()
         step += 1
+        task_logs = task.after_step(unwrapped, step, total_steps)
         samples_seen += global_batch
         if cfg.train.record_keys:
             keys = [k for mb in micro for k in mb.get("key", [])]
@@ -267,6 +273,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 logs["train/logit_scale"] = scale.exp().item()
             if grad_norm is not None:
                 logs["train/grad_norm"] = float(grad_norm)
+            logs.update({f"train/{k}": float(v) for k, v in task_logs.items()})
             if accelerator.device.type == "cuda":
                 logs["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             t_last, wait_time, step_time, last_logged = now, 0.0, 0.0, step

@@ -23,7 +23,7 @@ from torch import nn
 from clipkit.config.schema import Config
 from clipkit.data.sentences import SentenceBatches
 from clipkit.models.sentence_encoder import SentenceEncoder
-from clipkit.train.task import Embeddings
+from clipkit.train.task import Embeddings, Task
 
 
 def _unwrap(model: nn.Module) -> SentenceEncoder:
@@ -62,7 +62,7 @@ def plot_history(history: list[dict[str, float]], key: str, path: Path) -> None:
     plt.close(fig)
 
 
-class SimCSETask:
+class SimCSETask(Task):
     """Unsupervised (``.txt``) or supervised (``.csv``) SimCSE; see the module docstring."""
 
     def __init__(self) -> None:

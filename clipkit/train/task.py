@@ -58,7 +58,7 @@ class TrainData(Protocol):
 
 
 class Task(Protocol):
-    """What the training loop needs from a task."""
+    """What the training loop needs from a task (tasks subclass it for the defaults)."""
 
     def build_model(self, cfg: Config) -> nn.Module:
         """The trainable module (owns its log-temperature when it learns one)."""
@@ -86,6 +86,17 @@ class Task(Protocol):
     def export(self, cfg: Config, model: nn.Module, out_dir: str) -> None:
         """Write the user-facing model format (open_clip export or sentence-transformers)."""
 
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Stateful modules beside the model, built by :meth:`build_model` (e.g. a momentum
+        teacher): the loop moves them to the device and saves them in every checkpoint; they
+        are not wrapped by DDP. Default: none."""
+        return {}
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        """Called after each optimiser step with the unwrapped model (e.g. the teacher's EMA
+        update); returns scalars to log. Default: nothing."""
+        return {}
+
 
 def _clip() -> Task:
     from clipkit.train.clip_task import ClipTask
@@ -99,8 +110,25 @@ def _simcse() -> Task:
     return SimCSETask()
 
 
+def _simclr() -> Task:
+    from clipkit.train.ssl_task import SimCLRTask
+
+    return SimCLRTask()
+
+
+def _moco() -> Task:
+    from clipkit.train.ssl_task import MoCoTask
+
+    return MoCoTask()
+
+
 # Name -> factory; factories import lazily so a task's heavy dependencies load only when used.
-TASKS: dict[str, Callable[[], Task]] = {"clip": _clip, "simcse": _simcse}
+TASKS: dict[str, Callable[[], Task]] = {
+    "clip": _clip,
+    "simcse": _simcse,
+    "simclr": _simclr,
+    "moco": _moco,
+}
 
 
 def get_task(name: str) -> Task:

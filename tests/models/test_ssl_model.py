@@ -1,0 +1,60 @@
+"""SSLModel: backbones by name, the papers' heads, export and load, one-line errors."""
+
+import pytest
+import torch
+
+from clipkit.models.load import load_model
+from clipkit.models.ssl import HEADS, SSLModel, build_backbone, load_ssl_model
+
+
+def test_cifar_stem_keeps_resolution_and_drops_the_classifier():
+    net, dim = build_backbone("resnet18", cifar_stem=True)
+    assert dim == 512 and net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_heads_give_unit_projections(head):
+    torch.manual_seed(0)
+    m = SSLModel("resnet18", head, proj_hidden=64, proj_dim=16).eval()
+    x = torch.randn(3, 3, 32, 32)
+    z = m(x)
+    assert z.shape == (3, 16)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+    assert m.encode_image(x).shape == (3, 512)
+    assert (m.predictor is not None) == (head == "moco_v3")
+
+
+def test_timm_and_open_clip_backbones():
+    assert SSLModel("timm:resnet10t", "simclr", 32, 8)(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+    m = SSLModel("open_clip:clipkit-tiny", "simclr", 32, 8, image_size=64)
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"backbone": "vgg11"}, "unknown ssl.backbone 'vgg11'"),
+        ({"head": "swav"}, "unknown ssl.head 'swav'"),
+        ({"backbone": "timm:no_such_net"}, "ssl.backbone=timm:no_such_net"),
+        ({"backbone": "open_clip:clipkit-tiny", "image_size": 32}, "takes 64 px"),
+    ],
+)
+def test_bad_names_are_one_line(kwargs, needle):
+    with pytest.raises(ValueError) as info:
+        SSLModel(**kwargs)
+    assert needle in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_export_loads_back_identically(tmp_path):
+    torch.manual_seed(1)
+    m = SSLModel("resnet18", "moco_v2", 64, 16).eval()
+    m.export(tmp_path / "export")
+    back = load_ssl_model(tmp_path / "export").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+    via, name = load_model(str(tmp_path / "export"))
+    assert isinstance(via, SSLModel) and name == str(tmp_path / "export")
+    with pytest.raises(ValueError, match="not an SSL export"):
+        load_ssl_model(tmp_path)
