@@ -75,13 +75,16 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimiser (by name) and the learning-rate schedule."""
 
+    # "adamw" (CLIP, SimCSE) or "sgd" (with momentum; the image-SSL recipes).
+    name: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    momentum: float = 0.9  # SGD only
     # "cosine", "const-cooldown" or "constant".
     schedule: str = "cosine"
     warmup_steps: int = 50

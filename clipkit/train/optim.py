@@ -1,4 +1,4 @@
-"""AdamW parameter groups and learning-rate schedules."""
+"""Optimisers by name (AdamW, SGD), the CLIP weight-decay split, learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -44,17 +44,35 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     ]
 
 
-def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``modules`` with the CLIP weight-decay split."""
-    groups = param_groups(modules, cfg.weight_decay)
-    if not any(g["params"] for g in groups):
-        raise ValueError("no trainable parameters (are both towers locked?)")
+def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     try:
         # The fused kernel is several times faster than the per-tensor loop on CPU and GPU.
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, **kwargs)
+
+
+def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # The image-SSL recipes (SimCLR / MoCo on CIFAR-10, lightly's benchmarks) use SGD + momentum.
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+
+
+def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``optim.name`` (AdamW or SGD) over ``modules`` with the CLIP weight-decay split.
+
+    Raises:
+        ValueError: unknown optimiser name, or nothing to train.
+    """
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optim.name '{cfg.name}'; valid: {', '.join(OPTIMIZERS)}")
+    groups = param_groups(modules, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters (are both towers locked?)")
+    return OPTIMIZERS[cfg.name](groups, cfg)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

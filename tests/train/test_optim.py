@@ -51,3 +51,13 @@ def test_no_decay_groups():
     m.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer([m], OptimConfig())
+
+
+def test_optimiser_by_name():
+    model = nn.Linear(4, 3)
+    sgd = build_optimizer([model], OptimConfig(name="sgd", lr=0.06, momentum=0.9))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["lr"] == 0.06
+    assert isinstance(build_optimizer([model], OptimConfig()), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="unknown optim.name 'lamb'; valid: adamw, sgd"):
+        build_optimizer([model], OptimConfig(name="lamb"))
