@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
@@ -201,6 +202,52 @@ def train_crop(
     img = open_pil(data)
     box = crop_params(rng, img.height, img.width, scale)
     return _to_chw(_resize_box(img, box, (img.height, img.width), size))
+
+
+def crop_boxes(
+    data: bytes,
+    size: int,
+    boxes: Callable[[int, int], list[Box]],
+    fast: bool = True,
+) -> list[torch.Tensor]:
+    """Decode an image once and crop-resize several boxes out of it (the views of one sample).
+
+    Like :func:`train_crop`, but the JPEG is DCT-scaled to the smallest size whose crops *all*
+    still cover ``S x S``, so V views cost one decode.
+
+    Args:
+        data: encoded image bytes.
+        size: output side ``S``.
+        boxes: ``(height, width) -> [(top, left, h, w), ...]`` in original pixels, called once
+            with the image's size (read from the JPEG header when possible).
+        fast: use DCT-scaled decoding; False decodes at full size with PIL.
+
+    Returns:
+        One uint8 ``(3, S, S)`` tensor per box.
+
+    Raises:
+        DecodeError: when the bytes are not a decodable image.
+    """
+    if fast and data[:2] == b"\xff\xd8":
+        try:
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as err:
+            raise DecodeError(f"undecodable JPEG ({err})") from err
+        if colorspace not in ("CMYK", "YCCK") and _jpeg_orientation(data) == 1:
+            bxs = boxes(h, w)
+            min_h = max(math.ceil(size * h / b[2]) for b in bxs)
+            min_w = max(math.ceil(size * w / b[3]) for b in bxs)
+            try:
+                arr = simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", min_height=min(min_h, h), min_width=min(min_w, w)
+                )  # (h', w', 3)
+            except ValueError as err:
+                raise DecodeError(f"undecodable JPEG ({err})") from err
+            img = Image.fromarray(arr)
+            return [_to_chw(_resize_box(img, b, (h, w), size)) for b in bxs]
+    img = open_pil(data)
+    full = (img.height, img.width)
+    return [_to_chw(_resize_box(img, b, full, size)) for b in boxes(*full)]
 
 
 def eval_crop(data: bytes, size: int) -> torch.Tensor:

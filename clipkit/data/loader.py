@@ -1,6 +1,7 @@
 """ShardLoader: the rank-side iterable the trainer and evaluators consume.
 
-Batches are ``{"image": uint8 (B, 3, S, S), "text": long (B, L), "key": [str][, "cls": (B,)]}``;
+Batches are ``{"image": uint8 (B, 3, S, S), "text": long (B, L), "key": [str][, "cls": (B,)]}``,
+or with views (self-supervision) ``{"views": uint8 (V, B, 3, S, S), "key": [str][, "cls": (B,)]}``;
 ``loader.normalize(images)`` turns images into normalised floats on whatever device they are
 (uint8 batches are 4x cheaper to move between processes; see ANCHORS.md). Position in the
 epoch's deterministic sample order is tracked per reader, so :meth:`ShardLoader.state_dict`
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from clipkit.data.decode import normalize
 from clipkit.data.shards import Plan, Source, parse_spec, plan_epoch, plan_resampled
 from clipkit.data.stream import STAT_KEYS, ReaderSpec, ShardStream
+from clipkit.data.views import ViewSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class ShardLoader:
     Attributes:
         num_batches: batches per epoch on this rank (None in eval mode without sizes.json).
         stats: skip counters of the current epoch (corrupt images, missing captions, ...).
+        classes: class names of an ImageFolder input (label i is ``classes[i]``), else None.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class ShardLoader:
         self.num_samples = num_samples
         self.mean = torch.tensor(mean, dtype=torch.float32)  # (3,)
         self.std = torch.tensor(std, dtype=torch.float32)  # (3,)
+        self.classes = next((s.classes for s in sources if s.classes is not None), None)
         self._epoch = -1
         self.set_epoch(spec.epoch)
 
@@ -142,7 +146,7 @@ class ShardLoader:
             for st in self._worker_stats.values():
                 total.update(st)
             self.stats = {k: total.get(k, 0) for k in (*STAT_KEYS, *total)}
-            if "image" not in item:
+            if "key" not in item:
                 continue  # stats-only end-of-stream marker
             self._pos[r] = meta["pos"]
             self._produced[r] = meta["produced"]
@@ -198,7 +202,8 @@ class ShardLoader:
 
     # -- device side ---------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 ``(B, 3, S, S)`` -> ``((x / 255) - mean) / std`` as ``dtype``, on its device."""
+        """uint8 ``(..., 3, S, S)`` (images or views) -> ``((x / 255) - mean) / std`` as ``dtype``,
+        on its device."""
         return normalize(images, self.mean, self.std, dtype)
 
 
@@ -225,8 +230,10 @@ def build_train_loader(
     train: bool = True,
     fast_decode: bool = True,
     scale: tuple[float, float] = (0.9, 1.0),
+    views: ViewSpec | None = None,
 ) -> ShardLoader:
-    """The training reader over ``cfg.train`` shards.
+    """The training reader over ``cfg.train`` (shards, or ImageFolder folders/tars and image
+    folders through the input layer).
 
     Args:
         cfg: :class:`clipkit.config.DataConfig` (``train``, ``weights``, ``num_samples``,
@@ -240,14 +247,19 @@ def build_train_loader(
         train: True: RandomResizedCrop, shuffling, drop_last with equal steps on all ranks.
             False: eval crop, file order, every sample once, partial last batch.
         fast_decode: DCT-scaled JPEG decoding (False: full-size PIL decode like open_clip).
-        scale: RandomResizedCrop area range.
+        scale: RandomResizedCrop area range (caption training; views carry their own).
+        views: V augmented views per image (:func:`clipkit.data.views.view_spec`): batches
+            are ``{"views": uint8 (V, B, 3, S, S), "key", ["cls"]}``, captions are not needed
+            (image-only shards and ImageFolder inputs are valid) and ``tokenizer`` is unused.
+            Each view is seeded by (seed, epoch, sample key, view index).
 
     Returns:
         A :class:`ShardLoader`; batches hold uint8 images, call ``loader.normalize`` on device.
 
     Raises:
         ValueError: bad spec/weights, missing shards, fewer shards than readers in epoch mode,
-            unknown epoch size, too few samples for one batch per rank.
+            unknown epoch size, too few samples for one batch per rank, views with
+            ``train=False``, caption training on an input without captions.
 
     Example:
         >>> loader = build_train_loader(cfg.data, tokenizer=tok, image_size=224,
@@ -261,7 +273,18 @@ def build_train_loader(
         raise ValueError(
             "data.weights needs data.resampled=true (epoch mode reads every source once)"
         )
+    if views is not None and not train:
+        raise ValueError(
+            "views are a training augmentation; build_train_loader(train=False) has none"
+        )
     sources = parse_spec(cfg.train, cfg.weights)
+    if views is None:
+        for src in sources:
+            if src.records is not None and not any(r.captions for r in src.records):
+                raise ValueError(
+                    f"data.train: '{src.spec}' has images without captions; caption training "
+                    "needs captions (image-only inputs are read with views, for self-supervision)"
+                )
     plan = Plan([[]], [None])
     spec = ReaderSpec(
         plan=plan,
@@ -278,7 +301,9 @@ def build_train_loader(
         shuffle_buffer=int(cfg.shuffle_buffer),
         scale=tuple(scale),
         fast_decode=fast_decode,
-        need_text=True,
+        need_text=views is None,
+        views=views,
+        records={s.spec: s.records for s in sources if s.records is not None},
     )
     return ShardLoader(
         sources,
@@ -358,6 +383,7 @@ def build_eval_loader(
         caption_keys=list(caption_keys),
         shuffle_buffer=0,
         need_text=False,
+        records={s.spec: s.records for s in sources if s.records is not None},
     )
     loader = ShardLoader(
         sources, rspec, workers=workers, world_size=world_size, num_samples=0, mean=mean, std=std

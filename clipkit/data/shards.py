@@ -31,6 +31,10 @@ class Source:
     weight: float = 1.0
     # Samples per url (None when unknown).
     sizes: list[int] | None = None
+    # Record inputs (ImageFolder folder or tar, image folder): their records in the input
+    # layer's order; ``urls`` are then parts of them (:func:`part_url`), not tars.
+    records: list[Any] | None = None
+    classes: list[str] | None = None  # label i is classes[i] (ImageFolder inputs)
 
 
 @dataclass
@@ -141,8 +145,68 @@ def _read_sizes(urls: list[str]) -> list[int] | None:
     return out
 
 
+# Input-layer kinds the training stream reads record by record (random access by offset or
+# path), and how many parts one is cut into: parts play the role of shards in the plan (split
+# across ranks and workers, drawn in resampled mode), so 256 allows up to 256 readers.
+RECORD_KINDS = ("imagefolder", "imagefolder-tar", "images")
+MAX_PARTS = 256
+_PART = re.compile(r"^(.*)#(\d+)/(\d+)$")
+
+
+def part_url(spec: str, part: int, parts: int) -> str:
+    """The plan's name for part ``part`` of ``parts`` of a record input."""
+    return f"{spec}#{part}/{parts}"
+
+
+def split_part(url: str) -> tuple[str, int, int] | None:
+    """``(spec, part, parts)`` of a :func:`part_url`, or None for anything else."""
+    m = _PART.match(url)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def part_range(part: int, parts: int, n: int) -> range:
+    """Positions of part ``part`` in a record input of ``n`` records (contiguous, sizes differ by
+    at most one)."""
+    return range(part * n // parts, (part + 1) * n // parts)
+
+
+def _record_source(part: str, weight: float) -> Source | None:
+    """A :class:`Source` for an ImageFolder folder/tar or image folder; None for shards.
+
+    The kind is the input layer's (:func:`clipkit.data.sources.detect_kind`); an ImageFolder tar
+    has no sizes.json, its records come from the header scan (members by offset).
+    """
+    from clipkit.data.sources import detect_kind, open_source  # sources imports this module
+
+    p = Path(part).expanduser()
+    if is_url(part) or "{" in part or glob.has_magic(part) or not p.exists():
+        return None
+    try:
+        kind = detect_kind(part)
+    except ValueError:
+        return None  # expand_shards says what is wrong with it
+    if kind in ("shards", "clip-benchmark"):
+        return None
+    if kind not in RECORD_KINDS:
+        raise ValueError(
+            f"data.train: '{part}' is a {kind} input; training reads WebDataset shards, "
+            "ImageFolder folders or tars, and image folders (data_tools.build_shards converts it)"
+        )
+    src = open_source(part, kind)
+    records = [r for r in src.items or [] if r.image is not None]
+    n = len(records)
+    parts = min(n, MAX_PARTS)
+    urls = [part_url(part, j, parts) for j in range(parts)]
+    sizes = [len(part_range(j, parts, n)) for j in range(parts)]
+    return Source(part, urls, weight, sizes, records=records, classes=src.classes)
+
+
 def parse_spec(spec: str, weights: list[float] | None = None) -> list[Source]:
     """Split a shard spec into sources, expand braces and read ``sizes.json``.
+
+    A part that is an ImageFolder folder or tar, or a folder of images, becomes a record source
+    (:data:`RECORD_KINDS`) read through the input layer, cut into parts that the plan treats
+    as shards.
 
     Args:
         spec: ``"a/{00000..00127}.tar::pipe:curl -s http://host/b-{0..9}.tar"``.
@@ -168,11 +232,15 @@ def parse_spec(spec: str, weights: list[float] | None = None) -> list[Source]:
     for i, part in enumerate(parts):
         if not part:
             raise ValueError(f"data.train: empty source #{i} in '{spec}'")
+        w = float(weights[i]) if weights else 1.0
+        rec = _record_source(part, w)
+        if rec is not None:
+            sources.append(rec)
+            continue
         try:
             urls = expand_shards(part)
         except ValueError as err:
             raise ValueError(f"data.train: {err}") from None
-        w = float(weights[i]) if weights else 1.0
         sources.append(Source(part, urls, w, _read_sizes(urls)))
     return sources
 

@@ -23,7 +23,9 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipkit.data.decode import DecodeError, eval_crop, train_crop
-from clipkit.data.shards import Plan, is_url, tar_end_ok
+from clipkit.data.records import image_bytes
+from clipkit.data.shards import Plan, is_url, part_range, split_part, tar_end_ok
+from clipkit.data.views import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,11 @@ class ReaderSpec:
     produced: list[int] = field(default_factory=list)
     # Physical worker p plays logical reader (p + rotation) % W.
     rotation: int = 0
+    # Views for self-supervision: batches carry "views" (V, B, 3, S, S) instead of "image".
+    views: ViewSpec | None = None
+    # Record inputs by spec (ImageFolder folders/tars, image folders): the plan's part urls
+    # (clipkit.data.shards.part_url) index into these.
+    records: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class _Reader:
@@ -75,6 +82,7 @@ class _Reader:
         self.skipping = False  # replaying consumed samples: counted before the checkpoint
         self.good_in_pass = 0
         self._shard_errors: set[str] = set()  # error kinds already counted for this shard
+        self._orders: dict[str, list[int]] = {}  # record input -> this epoch's record order
 
     @property
     def counting(self) -> bool:
@@ -97,7 +105,33 @@ class _Reader:
             log.warning("data: %s: %s", kind, msg[:300])
         return True
 
+    def _part_samples(self, spec: str, part: int, parts: int) -> Iterator[dict[str, Any]]:
+        """One part of a record input, as raw samples holding the image *reference* (a tar member
+        or path), so replaying up to a resume position reads nothing."""
+        records = self.s.records[spec]
+        order = self._orders.get(spec)
+        if order is None:
+            order = list(range(len(records)))
+            if self.s.train:
+                # One permutation per (seed, epoch), the same on every rank and reader, cut
+                # into contiguous parts: ImageFolder order is class-major, which a shuffle
+                # buffer could not undo (batches of one class).
+                random.Random(f"records/{self.s.seed}/{self.s.epoch}/{spec}").shuffle(order)
+            self._orders[spec] = order
+        for i in part_range(part, parts, len(records)):
+            rec = records[order[i]]
+            sample: dict[str, Any] = {"__key__": rec.key, "__image__": rec.image}
+            if rec.captions:
+                sample["txt"] = "\n".join(rec.captions)
+            if rec.label is not None:
+                sample["cls"] = rec.label
+            yield sample
+
     def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        part = split_part(url)
+        if part is not None and part[0] in self.s.records:
+            yield from self._part_samples(*part)
+            return
         self._shard_errors = set()
         yield from wds.tarfile_samples([{"url": url}], handler=self._handler)
         if not is_url(url) and not tar_end_ok(url):
@@ -160,7 +194,10 @@ class _Reader:
     def decode(self, sample: dict[str, Any], pos: int) -> dict[str, Any] | None:
         """Raw sample -> ``{"image", "text", "key"[, "cls"]}``; None (counted) when unusable."""
         s = self.s
-        img_bytes = next((sample[k] for k in s.image_keys if k in sample), None)
+        if "__image__" in sample:  # a record input's reference, read now (after the skip)
+            img_bytes = image_bytes(sample["__image__"])
+        else:
+            img_bytes = next((sample[k] for k in s.image_keys if k in sample), None)
         if img_bytes is None:
             self._count("missing_image")
             return None
@@ -172,6 +209,8 @@ class _Reader:
         if s.need_text and not captions:
             self._count("missing_caption")
             return None
+        if s.views is not None:
+            return self._decode_views(sample, img_bytes)
         rng = random.Random(f"{s.seed}/{s.epoch}/{s.rank}/{self.r}/{pos}")
         try:
             if s.train:
@@ -185,13 +224,44 @@ class _Reader:
         if captions:
             # Several captions per image (COCO): training draws one per step.
             out["text"] = captions[rng.randrange(len(captions))] if s.train else captions[0]
-        if "cls" in sample:
-            try:
-                out["cls"] = int(sample["cls"].decode().strip())
-            except ValueError:
-                self._count("bad_cls")
+        self._label(sample, out)
         self.good_in_pass += 1
         return out
+
+    def _decode_views(self, sample: dict[str, Any], img_bytes: bytes) -> dict[str, Any] | None:
+        """``{"views": uint8 (V, 3, S, S), "key"[, "cls"]}``; seeded by (seed, epoch, key, view),
+        not by the stream position, so a sample's views do not depend on workers or ranks."""
+        s, key = self.s, sample["__key__"]
+        assert s.views is not None
+        try:
+            views = make_views(
+                img_bytes,
+                s.image_size,
+                s.views,
+                seed=s.seed,
+                epoch=s.epoch,
+                key=key,
+                fast=s.fast_decode,
+            )
+        except DecodeError as err:
+            self._count("corrupt_image", f"{key}: {err}")
+            return None
+        out: dict[str, Any] = {"views": views, "key": key}
+        self._label(sample, out)
+        self.good_in_pass += 1
+        return out
+
+    def _label(self, sample: dict[str, Any], out: dict[str, Any]) -> None:
+        if "cls" not in sample:
+            return
+        cls = sample["cls"]
+        if isinstance(cls, int):  # record inputs carry the label itself
+            out["cls"] = cls
+            return
+        try:
+            out["cls"] = int(cls.decode().strip())
+        except ValueError:
+            self._count("bad_cls")
 
     def _count(self, kind: str, detail: str = "") -> None:
         if self.counting:
@@ -202,10 +272,16 @@ class _Reader:
     # -- batches -------------------------------------------------------------------------------
     def collate(self, items: list[dict[str, Any]], pos: int, produced: int) -> dict[str, Any]:
         s = self.s
-        batch: dict[str, Any] = {
-            "image": torch.stack([it["image"] for it in items]),  # (B, 3, S, S) uint8
-            "key": [it["key"] for it in items],
-        }
+        if s.views is not None:
+            batch: dict[str, Any] = {
+                "views": torch.stack([it["views"] for it in items], dim=1),  # (V, B, 3, S, S)
+                "key": [it["key"] for it in items],
+            }
+        else:
+            batch = {
+                "image": torch.stack([it["image"] for it in items]),  # (B, 3, S, S) uint8
+                "key": [it["key"] for it in items],
+            }
         if s.tokenizer is not None and all("text" in it for it in items):
             batch["text"] = s.tokenizer([it["text"] for it in items])  # (B, L)
         elif all("text" in it for it in items):

@@ -1,0 +1,338 @@
+"""Views for image self-supervision: per-paper augmentation recipes on uint8 tensors.
+
+A :class:`ViewRecipe` is one augmentation distribution (random resized crop, flip, colour
+jitter, grayscale, Gaussian blur, solarisation); a :class:`ViewSpec` is ``V >= 2`` views, view
+``v`` drawn from ``recipes[v % len(recipes)]`` (BYOL's two views differ). Recipes are chosen by
+name from :data:`RECIPES`.
+
+The crop box is drawn on the image's header size and the JPEG is decoded once, DCT-scaled to
+the smallest size that covers every view's crop (:func:`clipkit.data.decode.crop_boxes`); the
+photometric ops then run on the uint8 ``(3, S, S)`` crops with
+``torchvision.transforms.v2.functional``, so batches stay uint8 and are normalised on the device.
+
+Randomness: view ``v`` of sample ``key`` draws all its parameters from one fixed-length vector of
+uniforms of a ``torch.Generator`` seeded by ``(seed, epoch, key, v)`` (:func:`view_generator`).
+A sample's views are therefore a pure function of ``(seed, epoch, key, spec)``, whatever the
+worker count, rank or position in the stream, which keeps resume exact. Each parameter has its
+own slot in the vector, so switching an op off does not shift the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from clipkit.data.decode import Box, crop_boxes
+
+# Slots of the per-view uniform vector (see the module docstring).
+_RRC_TRIES = 10  # torchvision's get_params tries 10 boxes, then falls back to a centre crop
+_U_RRC = 0  # 2 per try: area, log aspect
+_U_TOP, _U_LEFT = 20, 21
+_U_FLIP = 22
+_U_JITTER = 23
+_U_FACTORS = 24  # brightness, contrast, saturation, hue
+_U_ORDER = 28  # 4 keys whose argsort is the order of the jitter ops (ColorJitter's randperm)
+_U_GRAY = 32
+_U_BLUR, _U_SIGMA = 33, 34
+_U_SOLARIZE = 35
+_NUM_U = 36
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """One view's augmentation distribution; ops run in the papers' order (fields below).
+
+    Attributes:
+        scale: random resized crop area range (fraction of the image).
+        ratio: crop aspect ratio range (w / h), drawn log-uniformly.
+        flip_p: probability of a horizontal flip.
+        jitter: colour jitter strengths ``(brightness, contrast, saturation, hue)``, as
+            torchvision's ``ColorJitter``: factors uniform in ``[max(0, 1 - x), 1 + x]``, hue
+            shift uniform in ``[-h, h]``, the four ops in random order.
+        jitter_p: probability of applying the colour jitter.
+        gray_p: probability of converting to grayscale (3 channels kept).
+        blur_p: probability of a Gaussian blur.
+        blur_sigma: blur sigma range in output pixels, drawn uniformly.
+        blur_kernel: kernel side as a fraction of the output side ``S`` (SimCLR: 10%), rounded
+            to the nearest odd number, at least 3.
+        solarize_p: probability of solarisation (pixels >= threshold are inverted).
+        solarize_threshold: solarisation threshold on the 0..255 scale.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: float = 0.1
+    solarize_p: float = 0.0
+    solarize_threshold: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"view recipe: {name} must be in [0, 1], got {p}")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"view recipe: scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"view recipe: ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        b, c, s, h = self.jitter
+        if min(b, c, s) < 0 or not 0.0 <= h <= 0.5:
+            raise ValueError(
+                f"view recipe: jitter needs b, c, s >= 0 and 0 <= hue <= 0.5, got {self.jitter}"
+            )
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(
+                f"view recipe: blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}"
+            )
+        if not 0 <= self.solarize_threshold <= 256:
+            raise ValueError(
+                f"view recipe: solarize_threshold in [0, 256], got {self.solarize_threshold}"
+            )
+
+    def kernel_size(self, size: int) -> int:
+        """Blur kernel side for output side ``size``: odd, >= 3 (23 at 224 px, 3 at 32 px)."""
+        k = int(round(self.blur_kernel * size))
+        return max(3, k if k % 2 else k + 1)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """``views`` views per image; view ``v`` follows ``recipes[v % len(recipes)]``.
+
+    Raises:
+        ValueError: fewer than 2 views, or no recipe.
+    """
+
+    recipes: tuple[ViewRecipe, ...]
+    views: int = 2
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.views < 2:
+            raise ValueError(
+                f"views: contrastive training needs >= 2 views per image, got {self.views}"
+            )
+        if not self.recipes:
+            raise ValueError("views: a view spec needs at least one recipe")
+
+    def recipe(self, view: int) -> ViewRecipe:
+        """The recipe of view ``view``."""
+        return self.recipes[view % len(self.recipes)]
+
+
+# The papers' recipes. Strengths follow each paper's appendix; the colour jitter of SimCLR is
+# "strength s" = (0.8s, 0.8s, 0.8s, 0.2s).
+RECIPES: dict[str, tuple[ViewRecipe, ...]] = {
+    # SimCLR, Chen et al. 2020 (arXiv 2002.05709), App. B.9 CIFAR-10: crop scale (0.08, 1),
+    # flip, colour distortion s = 0.5 applied with p 0.8, grayscale p 0.2, no Gaussian blur
+    # (32 px images are already blurry). The ImageNet recipe adds blur p 0.5 (kernel 10% of S).
+    "simclr": (
+        ViewRecipe(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2),
+    ),
+    # SimCLR's ImageNet recipe (App. A): s = 1.0, blur p 0.5 with sigma (0.1, 2.0).
+    "simclr_imagenet": (
+        ViewRecipe(
+            scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5
+        ),
+    ),
+    # MoCo v2, Chen et al. 2020 (arXiv 2003.04297) and its reference code (moco/main_moco.py,
+    # aug_plus): RandomResizedCrop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+    # grayscale p 0.2, GaussianBlur sigma (0.1, 2.0) p 0.5, flip p 0.5.
+    "moco_v2": (
+        ViewRecipe(
+            scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5
+        ),
+    ),
+    # BYOL, Grill et al. 2020 (arXiv 2006.07733), Table 6: asymmetric views. Both: crop
+    # (0.08, 1), flip 0.5, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, blur sigma
+    # (0.1, 2.0); view 1 blur p 1.0, no solarisation; view 2 blur p 0.1, solarisation p 0.2.
+    "byol": (
+        ViewRecipe(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0),
+        ViewRecipe(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2),
+    ),
+}
+
+
+def view_spec(name: str, views: int = 2) -> ViewSpec:
+    """The recipe named ``name`` from :data:`RECIPES`, with ``views`` views per image.
+
+    Args:
+        name: a key of :data:`RECIPES` (``simclr``, ``simclr_imagenet``, ``moco_v2``, ``byol``).
+        views: views per image ``V`` (>= 2).
+
+    Returns:
+        A :class:`ViewSpec`.
+
+    Raises:
+        ValueError: an unknown name (listing the valid ones) or ``views < 2``.
+
+    Example:
+        >>> view_spec("byol").recipe(1).solarize_p
+        0.2
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown view recipe '{name}'; valid: {', '.join(sorted(RECIPES))}")
+    return ViewSpec(RECIPES[name], views, name)
+
+
+def view_generator(seed: int, epoch: int, key: str, view: int) -> torch.Generator:
+    """A CPU generator seeded by ``(seed, epoch, key, view)`` (blake2b: stable across processes)."""
+    digest = hashlib.blake2b(f"views/{seed}/{epoch}/{key}/{view}".encode(), digest_size=8)
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
+@dataclass
+class ViewParams:
+    """The drawn parameters of one view (``None``: op not applied)."""
+
+    box: Box  # (top, left, h, w) in original pixels
+    flip: bool
+    jitter: tuple[float, float, float, float] | None  # brightness, contrast, saturation, hue
+    order: list[int] = field(default_factory=list)  # order of the 4 jitter ops
+    gray: bool = False
+    sigma: float | None = None
+    solarize: bool = False
+
+
+def _lerp(u: float, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * u
+
+
+def rrc_box(u: list[float], height: int, width: int, recipe: ViewRecipe) -> Box:
+    """torchvision's ``RandomResizedCrop.get_params`` driven by the uniforms ``u``."""
+    area = height * width
+    log_lo, log_hi = math.log(recipe.ratio[0]), math.log(recipe.ratio[1])
+    for t in range(_RRC_TRIES):
+        target = area * _lerp(u[_U_RRC + 2 * t], *recipe.scale)
+        aspect = math.exp(_lerp(u[_U_RRC + 2 * t + 1], log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            # randint(0, H - h) inclusive, as torch.randint(0, H - h + 1).
+            top = min(int(u[_U_TOP] * (height - h + 1)), height - h)
+            left = min(int(u[_U_LEFT] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < recipe.ratio[0]:
+        w, h = width, int(round(width / recipe.ratio[0]))
+    elif in_ratio > recipe.ratio[1]:
+        h, w = height, int(round(height * recipe.ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_params(gen: torch.Generator, height: int, width: int, recipe: ViewRecipe) -> ViewParams:
+    """All of one view's random choices, from one vector of ``_NUM_U`` uniforms of ``gen``."""
+    u = torch.rand(_NUM_U, generator=gen, dtype=torch.float64).tolist()
+    jitter = None
+    order: list[int] = []
+    if u[_U_JITTER] < recipe.jitter_p and any(recipe.jitter):
+        b, c, s, h = recipe.jitter
+        f = u[_U_FACTORS : _U_FACTORS + 4]
+        jitter = (
+            _lerp(f[0], max(0.0, 1 - b), 1 + b),
+            _lerp(f[1], max(0.0, 1 - c), 1 + c),
+            _lerp(f[2], max(0.0, 1 - s), 1 + s),
+            _lerp(f[3], -h, h),
+        )
+        keys = u[_U_ORDER : _U_ORDER + 4]
+        order = sorted(range(4), key=keys.__getitem__)
+    return ViewParams(
+        box=rrc_box(u, height, width, recipe),
+        flip=u[_U_FLIP] < recipe.flip_p,
+        jitter=jitter,
+        order=order,
+        gray=u[_U_GRAY] < recipe.gray_p,
+        sigma=_lerp(u[_U_SIGMA], *recipe.blur_sigma) if u[_U_BLUR] < recipe.blur_p else None,
+        solarize=u[_U_SOLARIZE] < recipe.solarize_p,
+    )
+
+
+def apply_params(img: torch.Tensor, p: ViewParams, recipe: ViewRecipe) -> torch.Tensor:
+    """The photometric ops of one view on a uint8 crop ``(3, S, S)``; returns uint8 (3, S, S)."""
+    if p.flip:
+        img = F.horizontal_flip(img)
+    if p.jitter is not None:
+        b, c, s, h = p.jitter
+        b_on, c_on, s_on, h_on = (x > 0 for x in recipe.jitter)  # ColorJitter skips 0 strengths
+        for op in p.order:
+            if op == 0 and b_on:
+                img = F.adjust_brightness(img, b)
+            elif op == 1 and c_on:
+                img = F.adjust_contrast(img, c)
+            elif op == 2 and s_on:
+                img = F.adjust_saturation(img, s)
+            elif op == 3 and h_on:
+                img = F.adjust_hue(img, h)
+    if p.gray:
+        img = F.rgb_to_grayscale(img, num_output_channels=3)
+    if p.sigma is not None:
+        k = recipe.kernel_size(img.shape[-1])
+        img = F.gaussian_blur(img, [k, k], [p.sigma, p.sigma])
+    if p.solarize:
+        img = F.solarize(img, recipe.solarize_threshold)
+    return img
+
+
+def view_params(
+    spec: ViewSpec, seed: int, epoch: int, key: str, height: int, width: int
+) -> list[ViewParams]:
+    """The parameters of every view of sample ``key`` on a ``height x width`` image."""
+    return [
+        draw_params(view_generator(seed, epoch, key, v), height, width, spec.recipe(v))
+        for v in range(spec.views)
+    ]
+
+
+def make_views(
+    data: bytes,
+    size: int,
+    spec: ViewSpec,
+    *,
+    seed: int,
+    epoch: int,
+    key: str,
+    fast: bool = True,
+) -> torch.Tensor:
+    """Decode an image once and return its ``V`` augmented views.
+
+    Args:
+        data: encoded image bytes.
+        size: output side ``S``.
+        spec: the views (recipes and ``V``).
+        seed, epoch, key: with the view index, the seed of each view's parameters.
+        fast: DCT-scaled JPEG decoding (see :mod:`clipkit.data.decode`).
+
+    Returns:
+        uint8 ``(V, 3, S, S)``.
+
+    Raises:
+        clipkit.data.decode.DecodeError: undecodable bytes.
+
+    Example:
+        >>> spec = view_spec("simclr")
+        >>> v = make_views(jpeg, 32, spec, seed=0, epoch=0, key="a/0")  # doctest: +SKIP
+        >>> v.shape, v.dtype  # doctest: +SKIP
+        (torch.Size([2, 3, 32, 32]), torch.uint8)
+    """
+    params: list[ViewParams] = []
+
+    def boxes(height: int, width: int) -> list[Box]:
+        params.extend(view_params(spec, seed, epoch, key, height, width))
+        return [p.box for p in params]
+
+    crops = crop_boxes(data, size, boxes, fast)  # V x (3, S, S) uint8
+    return torch.stack(
+        [apply_params(c, p, spec.recipe(v)) for v, (c, p) in enumerate(zip(crops, params))]
+    )  # (V, 3, S, S)
