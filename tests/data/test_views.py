@@ -174,13 +174,28 @@ def test_ops_act_on_pixels(photos):
     assert torch.equal(s, torch.where(a >= 128, 255 - a, a))
 
 
+def test_blur_matches_torchvision():
+    from torchvision.transforms.v2 import functional as F
+
+    from clipkit.data.views import _gaussian_blur
+
+    x = torch.randint(
+        0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    for k, sigma in ((3, 0.1), (5, 1.0), (23, 2.0)):
+        ref = F.gaussian_blur(x, [k, k], [sigma, sigma]).int()
+        assert (_gaussian_blur(x, k, sigma).int() - ref).abs().max() <= 1
+
+
 def test_fewer_than_two_views_is_one_line():
     for make in (lambda: view_spec("simclr", views=1), lambda: ViewSpec(RECIPES["simclr"], 0)):
         with pytest.raises(ValueError, match=">= 2 views") as err:
             make()
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="valid: byol, moco_v2, simclr"):
-        view_spec("simsiam")
+    for unknown in (lambda: view_spec("simsiam"), lambda: ViewSpec("simsiam")):
+        with pytest.raises(ValueError, match="valid: byol, moco_v2, simclr, simclr_imagenet"):
+            unknown()
+    assert ViewSpec("moco_v2", 3) == view_spec("moco_v2", 3)
 
 
 def test_views_are_seeded_by_seed_epoch_key_view(photos):
@@ -298,3 +313,31 @@ def test_cifar10_train_tar_reads_as_views(data_root):
     b = next(iter(loader))
     assert b["views"].shape == (2, 256, 3, 32, 32)
     assert len(set(b["cls"].tolist())) == 10
+
+
+def test_contact_sheet(cifar_tar, tmp_path):
+    from data_tools.views import main
+
+    out = tmp_path / "views.png"
+    assert (
+        main(
+            [
+                str(cifar_tar),
+                "--recipe",
+                "byol",
+                "--views",
+                "3",
+                "--images",
+                "4",
+                "--scale",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    assert Image.open(out).size == (4 * 32, 4 * 32)  # eval crop + 3 views, 4 rows
+    assert main([str(cifar_tar), "--views", "1"]) == 2
