@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "retrieval"): ("clipkit.eval.retrieval_cli", "image-text retrieval"),
     ("eval", "sts"): ("clipkit.eval.sts_cli", "semantic textual similarity (Spearman)"),
     ("eval", "knn"): ("clipkit.eval.knn_cli", "weighted kNN classification of image features"),
+    ("eval", "linear-probe"): ("clipkit.eval.linear_probe_cli", "linear probe on image features"),
     ("embed",): ("clipkit.embed.embed_cli", "embed shards/folders/captions into .npy + parquet"),
     ("index",): ("clipkit.embed.index_cli", "build or extend a faiss index"),
     ("serve",): ("clipkit.embed.serve_cli", "serve embedding + search over HTTP"),

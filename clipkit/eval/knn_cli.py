@@ -10,7 +10,7 @@ exp(cos / T) (Wu et al. 2018); features are L2-normalised ``encode_image`` outpu
 run: the backbone, before the projection head). ``--train`` and ``--data`` take every labelled
 layout ``clipkit eval zeroshot`` reads and must describe the same classes.
 
-The same :data:`EVALUATOR` runs inside training (``driver.evaluate(EVALUATOR, model, TEST,
+The same ``EVALUATOR`` runs inside training (``driver.evaluate(EVALUATOR, model, TEST,
 KnnOptions(train=TRAIN), accelerator=...)``).
 """
 
