@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as Fn
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
 
@@ -61,8 +61,9 @@ class ViewRecipe:
         gray_p: probability of converting to grayscale (3 channels kept).
         blur_p: probability of a Gaussian blur.
         blur_sigma: blur sigma range in output pixels, drawn uniformly.
-        blur_kernel: kernel side as a fraction of the output side ``S`` (SimCLR: 10%), rounded
-            to the nearest odd number, at least 3.
+        blur_kernel: kernel side as a fraction of the output side ``S`` (SimCLR, BYOL: 10%),
+            rounded to the nearest odd number, at least 3. 0: PIL's
+            ``GaussianBlur(radius=sigma)`` (no kernel size), as MoCo v2's reference code.
         solarize_p: probability of solarisation (pixels >= threshold are inverted).
         solarize_threshold: solarisation threshold on the 0..255 scale.
     """
@@ -94,6 +95,8 @@ class ViewRecipe:
             raise ValueError(
                 f"view recipe: jitter needs b, c, s >= 0 and 0 <= hue <= 0.5, got {self.jitter}"
             )
+        if self.blur_kernel < 0:
+            raise ValueError(f"view recipe: blur_kernel must be >= 0, got {self.blur_kernel}")
         if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(
                 f"view recipe: blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}"
@@ -163,10 +166,16 @@ RECIPES: dict[str, tuple[ViewRecipe, ...]] = {
     ),
     # MoCo v2, Chen et al. 2020 (arXiv 2003.04297) and its reference code (moco/main_moco.py,
     # aug_plus): RandomResizedCrop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
-    # grayscale p 0.2, GaussianBlur sigma (0.1, 2.0) p 0.5, flip p 0.5.
+    # grayscale p 0.2, GaussianBlur sigma (0.1, 2.0) p 0.5 (PIL's radius blur: moco/loader.py),
+    # flip p 0.5.
     "moco_v2": (
         ViewRecipe(
-            scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5
+            scale=(0.2, 1.0),
+            jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8,
+            gray_p=0.2,
+            blur_p=0.5,
+            blur_kernel=0.0,
         ),
     ),
     # BYOL, Grill et al. 2020 (arXiv 2006.07733), Table 6: asymmetric views. Both: crop
@@ -292,7 +301,10 @@ def apply_params(img: torch.Tensor, p: ViewParams, recipe: ViewRecipe) -> torch.
     if p.gray:
         img = F.rgb_to_grayscale(img, num_output_channels=3)
     if p.sigma is not None:
-        img = _gaussian_blur(img, recipe.kernel_size(img.shape[-1]), p.sigma)
+        if recipe.blur_kernel > 0:
+            img = _gaussian_blur(img, recipe.kernel_size(img.shape[-1]), p.sigma)
+        else:
+            img = _pil_blur(img, p.sigma)
     if p.solarize:
         img = F.solarize(img, recipe.solarize_threshold)
     return img
@@ -319,6 +331,13 @@ def _gaussian_blur(img: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
     x = Fn.pad(img.float().unsqueeze(1), (k // 2,) * 4, mode="reflect")  # (3, 1, S+k-1, S+k-1)
     x = Fn.conv2d(Fn.conv2d(x, w.view(1, 1, 1, k)), w.view(1, 1, k, 1))  # (3, 1, S, S)
     return x.squeeze(1).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pil_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """PIL's ``GaussianBlur(radius=sigma)`` (extended box passes) of a uint8 ``(3, S, S)``."""
+    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # (S, S, 3)
+    out = np.array(pil.filter(ImageFilter.GaussianBlur(radius=sigma)))  # (S, S, 3) uint8
+    return torch.from_numpy(out).permute(2, 0, 1)  # (3, S, S)
 
 
 def view_params(

@@ -7,6 +7,7 @@ import math
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -153,6 +154,7 @@ def test_byol_views_differ_and_recipes_match_the_papers():
         simclr.blur_p == 0 and simclr.scale == (0.08, 1.0) and simclr.jitter == (0.4, 0.4, 0.4, 0.1)
     )
     assert moco.scale == (0.2, 1.0) and moco.blur_p == 0.5 and moco.blur_sigma == (0.1, 2.0)
+    assert moco.blur_kernel == 0  # PIL's radius blur, as MoCo's reference code
     assert ViewRecipe(blur_kernel=0.1).kernel_size(224) == 23  # SimCLR: 10% of the side, odd
     assert ViewRecipe().kernel_size(32) == 3
 
@@ -185,6 +187,15 @@ def test_blur_matches_torchvision():
     for k, sigma in ((3, 0.1), (5, 1.0), (23, 2.0)):
         ref = F.gaussian_blur(x, [k, k], [sigma, sigma]).int()
         assert (_gaussian_blur(x, k, sigma).int() - ref).abs().max() <= 1
+    # blur_kernel = 0: PIL's GaussianBlur(radius=sigma), through the recipe.
+    from PIL import Image, ImageFilter
+
+    from clipkit.data.views import ViewParams, apply_params
+
+    p = ViewParams(box=(0, 0, 40, 40), flip=False, jitter=None, sigma=1.5)
+    got = apply_params(x, p, ViewRecipe(blur_kernel=0.0))
+    pil = Image.fromarray(x.permute(1, 2, 0).numpy().copy()).filter(ImageFilter.GaussianBlur(1.5))
+    assert torch.equal(got, torch.from_numpy(np.array(pil)).permute(2, 0, 1))
 
 
 def test_fewer_than_two_views_is_one_line():
