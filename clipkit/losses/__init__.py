@@ -1,17 +1,22 @@
 """Contrastive losses: exact, tiled (no ``N x N`` matrix), distributed-exact.
 
-Pure functions :func:`info_nce` and :func:`siglip_loss`; modules holding the temperature,
-the all-gather and the negatives queue, built by name with :func:`build_loss`.
+Pure functions :func:`info_nce`, :func:`siglip_loss`, :func:`nt_xent` (SimCLR),
+:func:`moco_loss` and :func:`moco_v3_loss`; modules holding the temperature, the all-gather and
+the negatives queue, built by name with :func:`build_loss`.
 """
 
 from clipkit.losses.infonce import info_nce, info_nce_sharded
+from clipkit.losses.moco import moco_loss, moco_v3_loss
 from clipkit.losses.module import (
     LOSSES,
     ContrastiveLoss,
     InfoNCELoss,
+    MoCoLoss,
+    NTXentLoss,
     SigLIPLoss,
     build_loss,
 )
+from clipkit.losses.ntxent import nt_xent, nt_xent_sharded
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
 
@@ -19,11 +24,17 @@ __all__ = [
     "LOSSES",
     "ContrastiveLoss",
     "InfoNCELoss",
+    "MoCoLoss",
+    "NTXentLoss",
     "NegativeQueue",
     "SigLIPLoss",
     "build_loss",
     "info_nce",
     "info_nce_sharded",
+    "moco_loss",
+    "moco_v3_loss",
+    "nt_xent",
+    "nt_xent_sharded",
     "siglip_loss",
     "siglip_sharded",
 ]

@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipkit.config.schema import LossConfig
 from clipkit.losses.dist import all_gather_with_grad, average_grad, gather_sizes, world
 from clipkit.losses.infonce import check_pair, info_nce, info_nce_sharded
+from clipkit.losses.moco import check_queue_size, moco_rows
+from clipkit.losses.ntxent import nt_xent_scaled, nt_xent_sharded, unit
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
 
@@ -235,6 +238,133 @@ class SigLIPLoss(ContrastiveLoss):
         )
 
 
+def _no_hard_negatives(name: str, hard_negatives: torch.Tensor | None) -> None:
+    if hard_negatives is not None:
+        raise ValueError(f"loss.name={name} takes no hard negatives")
+
+
+class NTXentLoss(ContrastiveLoss):
+    """SimCLR's NT-Xent (:func:`clipkit.losses.nt_xent`) with its temperature and the gather.
+
+    ``forward(q, k)`` takes the two views' embeddings ``(n, D)`` (``q[i]``, ``k[i]``: one image).
+    With ``world_size > 1`` every rank's views are gathered with gradient and each rank scores
+    its own ``2n`` rows against all ``2N`` (see :func:`~clipkit.losses.ntxent.nt_xent_sharded`).
+
+    Args:
+        temperature: SimCLR's temperature (0.5 in lightly's CIFAR-10 recipe, 0.1 at batch 4096).
+        **kwargs: see :class:`ContrastiveLoss` (no queue: NT-Xent's negatives are in-batch).
+    """
+
+    def __init__(self, temperature: float = 0.5, **kwargs) -> None:
+        if not temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        if kwargs.get("queue_size", 0):
+            raise ValueError("loss.queue_size applies to infonce, siglip and moco, not nt_xent")
+        super().__init__(1.0 / temperature, **kwargs)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """NT-Xent of views ``q (n, D)`` and ``k (n, D)``; distributed normalisation as above."""
+        _no_hard_negatives("nt_xent", hard_negatives)
+        check_pair(q, k, {})
+        _, w = world()
+        s = self._scale(logit_scale, w)
+        if w == 1:
+            return nt_xent_scaled(q, k, s, self.chunk_size)
+        z1, z2 = unit(q), unit(k)  # (n, D) each
+        sizes = gather_sizes(q.shape[0], q.device)
+        # Each rank contributes its [z1; z2] block: 2n rows, so the gather sizes double.
+        z_all, offset = all_gather_with_grad(torch.cat([z1, z2]), [2 * n for n in sizes])
+        return nt_xent_sharded(
+            z1,
+            z2,
+            s,
+            z_all=z_all,  # (2N, D)
+            offset=offset,
+            n_global=sum(sizes),
+            world_size=w,
+            chunk_size=self.chunk_size,
+        )
+
+
+class MoCoLoss(ContrastiveLoss):
+    """MoCo v2's loss (:func:`clipkit.losses.moco_loss`) with its queue of every rank's keys.
+
+    ``forward(q, k)``: queries ``(n, D)`` from the student, keys ``(n, D)`` from the momentum
+    teacher. The negatives are the queue's rows only. After the loss, while training, the keys
+    of all ranks (gathered, rank order) are pushed, so the queue is identical on every rank and
+    equals the one-process queue of the global batch. Before the first step the queue holds
+    random unit vectors drawn from a fixed seed (the MoCo and lightly initialisation, and the
+    same on every rank without communication); it is a buffer, so checkpoints carry it.
+
+    Args:
+        temperature: MoCo's temperature (v2: 0.2).
+        queue_size: keys in the queue (v2: 65,536); a positive multiple of the keys pushed per
+            step (rows per process x processes x accumulation steps), checked on every call.
+        **kwargs: see :class:`ContrastiveLoss`.
+
+    Raises:
+        ValueError: a non-positive temperature or ``queue_size < 1``.
+    """
+
+    QUEUE_SEED = 0  # fixed: every rank draws the same initial queue
+
+    def __init__(self, temperature: float = 0.2, *, queue_size: int = 0, **kwargs) -> None:
+        if not temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        if queue_size < 1:
+            raise ValueError(f"loss.name=moco needs loss.queue_size >= 1, got {queue_size}")
+        super().__init__(1.0 / temperature, queue_size=queue_size, **kwargs)
+
+    @torch.no_grad()
+    def _init_queue(self, like: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(self.QUEUE_SEED)
+        keys = torch.randn(self.queue.size, like.shape[1], generator=g, dtype=torch.float64)
+        self.queue.push(F.normalize(keys, dim=-1).to(device=like.device, dtype=like.dtype))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MoCo loss of ``q (n, D)`` vs ``k (n, D)`` and the queue; then the gathered push.
+
+        Returns:
+            0-d: the mean over local queries with one process; with ``W`` processes
+            ``W / N_global`` x their sum (exact after DDP averaging, as the module docstring).
+
+        Raises:
+            ValueError: shapes, hard negatives, or a queue size that does not fit the batch.
+        """
+        _no_hard_negatives("moco", hard_negatives)
+        check_pair(q, k, {})
+        _, w = world()
+        s = self._scale(logit_scale, w)
+        sizes = [q.shape[0]] if w == 1 else gather_sizes(q.shape[0], q.device)
+        check_queue_size(self.queue.size, sum(sizes))
+        if self.queue.get() is None:
+            self._init_queue(k)
+        # A copy: the push below edits the buffer in place, and backward recomputes the tiles.
+        negatives = self.queue.get().clone()  # (Q, D)
+        rows = moco_rows(q, k, negatives, s, self.chunk_size)  # (n,)
+        loss = rows.mean() if w == 1 else rows.sum() * (w / sum(sizes))
+        if self.training:
+            keys = unit(k.detach())  # lightly and MoCo queue the normalised keys
+            self.queue.push(keys if w == 1 else all_gather_with_grad(keys, sizes)[0])
+        return loss
+
+
 # name -> builder from the loss config; the error for an unknown name lists these keys.
 LOSSES = {
     "infonce": lambda cfg: InfoNCELoss(
@@ -254,6 +384,20 @@ LOSSES = {
         chunk_size=cfg.chunk_size,
         queue_size=cfg.queue_size,
     ),
+    "nt_xent": lambda cfg: NTXentLoss(
+        cfg.temperature,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+        queue_size=cfg.queue_size,
+    ),
+    "moco": lambda cfg: MoCoLoss(
+        cfg.temperature,
+        queue_size=cfg.queue_size,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+    ),
 }
 
 
@@ -265,6 +409,6 @@ def build_loss(cfg: LossConfig) -> ContrastiveLoss:
     """
     if cfg.name not in LOSSES:
         raise ValueError(f"unknown loss.name '{cfg.name}'; valid: {', '.join(sorted(LOSSES))}")
-    if cfg.name == "siglip" and cfg.label_smoothing:
-        raise ValueError("loss.label_smoothing applies to infonce only (loss.name=siglip)")
+    if cfg.name != "infonce" and cfg.label_smoothing:
+        raise ValueError(f"loss.label_smoothing applies to infonce only (loss.name={cfg.name})")
     return LOSSES[cfg.name](cfg)

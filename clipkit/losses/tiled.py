@@ -31,10 +31,20 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# Running-max start: the dtype's lowest finite value, not -inf. A tile row can be all excluded
+# (NT-Xent's self-similarity in a 1-column tile) and -inf - (-inf) would be NaN.
+_NEG = {
+    torch.float32: torch.finfo(torch.float32).min,
+    torch.float64: torch.finfo(torch.float64).min,
+}
+
+
 def _diag_in_tile(
-    i0: int, i1: int, j0: int, j1: int, offset: int, device: torch.device
+    i0: int, i1: int, j0: int, j1: int, offset: int | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-    """Tile-local (row, col) indices of the positives ``(i, i + offset)`` inside a tile."""
+    """Tile-local (row, col) indices of the entries ``(i, i + offset)`` inside a tile."""
+    if offset is None:
+        return None
     lo, hi = max(i0, j0 - offset), min(i1, j1 - offset)
     if lo >= hi:
         return None
@@ -42,28 +52,39 @@ def _diag_in_tile(
     return idx - i0, idx + offset - j0, lo, hi
 
 
+def _mask_in_tile_(t: torch.Tensor, i0: int, i1: int, j0: int, j1: int, exclude: int | None):
+    """Set the tile's entries ``(i, i + exclude)`` to -inf in place (out of every softmax)."""
+    e = _diag_in_tile(i0, i1, j0, j1, exclude, t.device)
+    if e is not None:
+        t[e[0], e[1]] = float("-inf")
+
+
 class TiledLogSumExp(torch.autograd.Function):
     """Row log-sum-exp, column log-sum-exp and positive logits of ``L = s * a @ b.T``.
 
-    forward(a (N, D), b (M, D), scale 0-d, offset, n_cols, chunk) ->
+    forward(a (N, D), b (M, D), scale 0-d, offset, n_cols, chunk, exclude) ->
     (row_lse (N,), col_lse (n_cols,) over the N rows for columns ``0..n_cols-1``,
     pos (N,) with ``pos[i] = L[i, i + offset]``), all in the accumulation dtype.
+    ``offset=None``: no positives (pos is zeros). ``exclude``: the entries ``(i, i + exclude)``
+    are left out of every log-sum-exp (NT-Xent's self-similarity); None = none.
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, offset: int, n_cols: int, chunk: int):
+    def forward(
+        ctx, a, b, scale, offset: int | None, n_cols: int, chunk: int, exclude: int | None = None
+    ):
         acc = acc_dtype(a, b)
         # s * a once (O(N D)) rather than scaling every tile; tiles are then the logits.
         a_, b_ = a.to(acc) * scale.detach().to(acc), b.to(acc)  # (N, D), (M, D)
         n, m = a_.shape[0], b_.shape[0]
         row_lse = a_.new_empty(n)
-        pos = a_.new_empty(n)
-        col_max = a_.new_full((n_cols,), float("-inf"))
+        pos = a_.new_zeros(n)
+        col_max = a_.new_full((n_cols,), _NEG[acc])
         col_sum = a_.new_zeros(n_cols)
         for i0 in range(0, n, chunk):
             i1 = min(i0 + chunk, n)
             ai = a_[i0:i1]  # (c, D)
-            r_max = a_.new_full((i1 - i0,), float("-inf"))
+            r_max = a_.new_full((i1 - i0,), _NEG[acc])
             r_sum = a_.new_zeros(i1 - i0)
             for j0 in range(0, m, chunk):
                 j1 = min(j0 + chunk, m)
@@ -71,6 +92,7 @@ class TiledLogSumExp(torch.autograd.Function):
                 d = _diag_in_tile(i0, i1, j0, j1, offset, a_.device)
                 if d is not None:
                     pos[d[2] : d[3]] = t[d[0], d[1]]
+                _mask_in_tile_(t, i0, i1, j0, j1, exclude)
                 new = torch.maximum(r_max, t.amax(1))
                 r_sum = r_sum * torch.exp(r_max - new) + torch.exp(t - new[:, None]).sum(1)
                 r_max = new
@@ -86,13 +108,13 @@ class TiledLogSumExp(torch.autograd.Function):
             row_lse[i0:i1] = r_max + torch.log(r_sum)
         col_lse = col_max + torch.log(col_sum)
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.offset, ctx.n_cols, ctx.chunk = offset, n_cols, chunk
+        ctx.offset, ctx.n_cols, ctx.chunk, ctx.exclude = offset, n_cols, chunk, exclude
         return row_lse, col_lse, pos
 
     @staticmethod
     def backward(ctx, g_row, g_col, g_pos):
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        offset, n_cols, chunk = ctx.offset, ctx.n_cols, ctx.chunk
+        offset, n_cols, chunk, exclude = ctx.offset, ctx.n_cols, ctx.chunk, ctx.exclude
         acc = row_lse.dtype
         a_, b_, s = a.to(acc), b.to(acc), scale.detach().to(acc)
         a_s = a_ * s  # (N, D)
@@ -111,6 +133,7 @@ class TiledLogSumExp(torch.autograd.Function):
                 j1 = min(j0 + chunk, m)
                 bj = b_[j0:j1]
                 t = torch.mm(a_s[i0:i1], bj.T)  # (c, c') recomputed tile, as in forward
+                _mask_in_tile_(t, i0, i1, j0, j1, exclude)  # excluded entries get no gradient
                 g = (t - r).exp_().mul_(gr)  # (c, c')
                 if j0 < n_cols:
                     jc = min(j1, n_cols) - j0
@@ -126,7 +149,96 @@ class TiledLogSumExp(torch.autograd.Function):
         g_scale = (ga * a_).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
         ga = ga.mul_(s).to(a.dtype) if ctx.needs_input_grad[0] else None
         gb = gb.mul_(s).to(b.dtype) if need_b else None
-        return ga, gb, g_scale, None, None, None
+        return ga, gb, g_scale, None, None, None, None
+
+
+def _online_lse_(
+    r_max: torch.Tensor, r_sum: torch.Tensor, lo: int, hi: int, t: torch.Tensor, dim: int
+) -> None:
+    """Fold tile ``t`` into the running max / sum of rows ``lo:hi`` (reduced over ``dim``)."""
+    old = r_max[lo:hi]
+    new = torch.maximum(old, t.amax(dim))
+    r_sum[lo:hi] = r_sum[lo:hi] * torch.exp(old - new) + torch.exp(t - new.unsqueeze(dim)).sum(dim)
+    r_max[lo:hi] = new
+
+
+class TiledPairLogSumExp(torch.autograd.Function):
+    """Self-excluded row log-sum-exp of the symmetric ``L = s * z @ z.T`` (NT-Xent's logits).
+
+    forward(z (2N, D), scale 0-d, half N, chunk) -> (row_lse (2N,) with ``L[i, i]`` left out,
+    pos (N,) with ``pos[i] = L[i, i + N]``), accumulation dtype. ``L`` is symmetric, so only
+    the tiles on and above the diagonal are computed: an off-diagonal tile feeds its rows'
+    running sums directly and its columns' running sums transposed. That halves the matmuls
+    of the forward and of the backward's recomputation; each value ``L[i, j]``, ``i`` and
+    ``j`` in different tiles, is one variable shared by rows ``i`` and ``j``.
+    """
+
+    @staticmethod
+    def forward(ctx, z, scale, half: int, chunk: int):
+        acc = acc_dtype(z)
+        z_ = z.to(acc)  # (2N, D)
+        zs = z_ * scale.detach().to(acc)
+        m = z_.shape[0]
+        r_max = z_.new_full((m,), _NEG[acc])
+        r_sum = z_.new_zeros(m)
+        pos = z_.new_zeros(half)
+        for i0 in range(0, m, chunk):
+            i1 = min(i0 + chunk, m)
+            for j0 in range(i0, m, chunk):  # upper triangle of tiles (tile edges align)
+                j1 = min(j0 + chunk, m)
+                t = torch.mm(zs[i0:i1], z_[j0:j1].T)  # (c, c') logits tile
+                # (i, i + N) always lies on or above the diagonal: every positive is read here.
+                d = _diag_in_tile(i0, i1, j0, j1, half, z_.device)
+                if d is not None:
+                    pos[d[2] : d[3]] = t[d[0], d[1]]
+                if j0 == i0:
+                    _mask_in_tile_(t, i0, i1, j0, j1, 0)  # self-similarity
+                _online_lse_(r_max, r_sum, i0, i1, t, 1)
+                if j0 > i0:
+                    _online_lse_(r_max, r_sum, j0, j1, t, 0)  # rows j see the tile transposed
+        row_lse = r_max + torch.log(r_sum)
+        ctx.save_for_backward(z, scale, row_lse)
+        ctx.half, ctx.chunk = half, chunk
+        return row_lse, pos
+
+    @staticmethod
+    def backward(ctx, g_row, g_pos):
+        z, scale, row_lse = ctx.saved_tensors
+        half, chunk = ctx.half, ctx.chunk
+        acc = row_lse.dtype
+        z_, s = z.to(acc), scale.detach().to(acc)
+        zs = z_ * s
+        m = z_.shape[0]
+        g_row, g_pos = g_row.to(acc), g_pos.to(acc)
+        # gz = sum over variables t_ij of dloss/dt_ij * (z_j to row i, z_i to row j), times s
+        # at the end (t_ij = s z_i . z_j).
+        gz = torch.zeros_like(z_)  # (2N, D)
+        for i0 in range(0, m, chunk):
+            i1 = min(i0 + chunk, m)
+            zi = z_[i0:i1]
+            for j0 in range(i0, m, chunk):
+                j1 = min(j0 + chunk, m)
+                zj = z_[j0:j1]
+                t = torch.mm(zs[i0:i1], zj.T)  # (c, c') recomputed tile, as in forward
+                if j0 == i0:
+                    _mask_in_tile_(t, i0, i1, j0, j1, 0)
+                # row i's softmax over its columns j, weighted by row i's upstream gradient
+                h = (t - row_lse[i0:i1, None]).exp_().mul_(g_row[i0:i1, None])  # (c, c')
+                d = _diag_in_tile(i0, i1, j0, j1, half, z_.device)
+                if d is not None:
+                    h[d[0], d[1]] += g_pos[d[2] : d[3]]
+                if j0 == i0:
+                    # Diagonal tile: t_ij and t_ji are separate variables, both s z_i . z_j.
+                    gz[i0:i1] += (h + h.T) @ zi
+                else:
+                    # Off-diagonal: t_ij is also row j's logit of column i.
+                    h += t.sub_(row_lse[None, j0:j1]).exp_().mul_(g_row[None, j0:j1])
+                    gz[i0:i1] += h @ zj
+                    gz[j0:j1] += h.T @ zi
+        # dloss/ds = sum_ij dloss/dt_ij * z_i . z_j; gz counts every term twice.
+        g_scale = 0.5 * (gz * z_).sum().to(scale.dtype) if ctx.needs_input_grad[1] else None
+        gz = gz.mul_(s).to(z.dtype) if ctx.needs_input_grad[0] else None
+        return gz, g_scale, None, None
 
 
 class TiledSigmoidSum(torch.autograd.Function):

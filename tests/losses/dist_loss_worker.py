@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from clipkit.config import LossConfig
 from clipkit.losses import build_loss, info_nce, siglip_loss
+from clipkit.losses.moco import moco_rows
+from clipkit.losses.ntxent import nt_xent_scaled
 
 N, D_IN, D, H = 12, 10, 6, 2
 SIZES = [5, 7]
@@ -67,10 +69,15 @@ CASES = {
     "infonce_own_temperature": (LossConfig(), False, False),
     "siglip": (LossConfig(name="siglip"), False, True),
     "siglip_hardneg_own": (LossConfig(name="siglip"), True, False),
+    # SimCLR: q and k are the two views; the module's own (learnable) temperature, or the model's
+    "nt_xent_own_temperature": (LossConfig(name="nt_xent", temperature=0.5), False, False),
+    "nt_xent": (LossConfig(name="nt_xent", temperature=0.5), False, True),
 }
 
 
 def _reference(cfg, loss_fn, q, k, hn, s, b, extra=None):
+    if cfg.name == "nt_xent":
+        return nt_xent_scaled(q, k, s, chunk_size=4)
     if cfg.name == "siglip":
         return siglip_loss(q, k, s, b, hard_negatives=hn, chunk_size=4, extra_negatives=extra)
     return info_nce(
@@ -151,12 +158,56 @@ def run_queue_case(rank, world) -> float:
     return max(_rel(grads[n], p_ref[n].grad) for n in grads)
 
 
+def run_moco_case(rank, world, own_scale: bool) -> dict[str, float]:
+    """Three MoCo steps (the 24-key queue wraps): loss, gradients and the queue of every rank
+    equal one process that holds the global batch and pushes its keys."""
+    cfg = LossConfig(name="moco", temperature=0.2, queue_size=24, chunk_size=3)
+    start = sum(SIZES[:rank])
+    rows = torch.arange(start, start + SIZES[rank])
+    p, p_ref = _params(0), _params(0)
+    loss_fn, ref_fn = build_loss(cfg).double(), build_loss(cfg).double()
+    errs = []
+    for step, seed in enumerate((1, 2, 3)):
+        x = _data(seed)
+        for t in (*p.values(), *p_ref.values(), loss_fn.log_scale, ref_fn.log_scale):
+            t.grad = None
+        q, k, _ = _embed(p, x, rows)  # k carries a gradient: the loss must not assume otherwise
+        local = loss_fn(q, k) if own_scale else loss_fn(q, k, logit_scale=p["log_s"].exp())
+        local.backward()
+        grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+        mean_loss = local.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+        # Reference: the pure rows on the global batch; its queue pushed by hand.
+        q, k, _ = _embed(p_ref, x, torch.arange(N))
+        if step == 0:
+            ref_fn._init_queue(k)
+        s = ref_fn.logit_scale if own_scale else p_ref["log_s"].exp()
+        ref = moco_rows(q, k, ref_fn.queue.get().clone(), s, chunk_size=4).mean()
+        ref.backward()
+        ref_fn.queue.push(F.normalize(k.detach(), dim=-1))
+        errs.append(_rel(mean_loss, ref.detach()))
+        assert set(grads) == {n for n, t in p_ref.items() if t.grad is not None}
+        errs += [_rel(grads[n], p_ref[n].grad) for n in grads]
+        if own_scale:
+            errs.append(_rel(loss_fn.log_scale.grad, ref_fn.log_scale.grad))
+    assert int(loss_fn.queue.ptr) == int(ref_fn.queue.ptr) == (3 * N) % 24
+    queue_err = (loss_fn.queue.keys - ref_fn.queue.keys).abs().max().item()
+    name = "moco_queue_own_temperature" if own_scale else "moco_queue"
+    return {name: max(errs), name + "_content": queue_err}
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = {name: run_case(name, rank, world) for name in CASES}
     results["infonce_queue"] = run_queue_case(rank, world)
+    results.update(run_moco_case(rank, world, own_scale=False))
+    results.update(run_moco_case(rank, world, own_scale=True))
     gathered: list[dict[str, float]] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -5,35 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipkit.losses import info_nce, siglip_loss
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements any aten op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("loss", ["infonce", "infonce_hn", "siglip"])
-def test_peak_tensor_is_a_tile_not_the_matrix(loss):
+def test_peak_tensor_is_a_tile_not_the_matrix(loss, largest_output):
     n, d, chunk = 1000, 8, 64
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_()
     k = F.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_()
     hn = F.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_()
     s = torch.tensor(14.3, requires_grad=True)
-    with _LargestOutput() as mode:
+    with largest_output() as mode:
         if loss == "siglip":
             out = siglip_loss(q, k, s, torch.tensor(-10.0), chunk_size=chunk)
         else:
