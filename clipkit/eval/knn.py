@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import torch
 
+# Similarities held per chunk (2^28: 1 GiB in float32): ImageNet's 1.28M training rows get
+# chunks of 209 test rows, CIFAR's 50,000 the full 1,024.
+SIM_BUDGET = 1 << 28
+
 
 def _check(
     train_feats: torch.Tensor,
@@ -61,7 +65,7 @@ def knn_classify(
     k: int = 200,
     temperature: float = 0.07,
     num_classes: int,
-    chunk: int = 1024,
+    chunk: int | None = None,
     top: int = 5,
 ) -> torch.Tensor:
     """Rank the classes of each test row by InstDisc's weighted kNN vote.
@@ -73,7 +77,8 @@ def knn_classify(
         k: neighbours that vote (``min(k, N)`` when fewer training rows exist).
         temperature: ``T`` in the vote weight ``exp(cos / T)``.
         num_classes: ``C``.
-        chunk: test rows per step; memory is ``O(chunk * N)`` whatever ``M`` is.
+        chunk: test rows per step; memory is ``O(chunk * N)`` whatever ``M`` is. Default: up to
+            1,024 rows, fewer when that would exceed :data:`SIM_BUDGET` similarities.
         top: how many ranked classes to return per row.
 
     Returns:
@@ -87,6 +92,8 @@ def knn_classify(
         >>> ranked = knn_classify(train.feats, train.labels, test.feats, num_classes=10)
         >>> acc1 = (ranked[:, 0] == test.labels).float().mean()
     """
+    if chunk is None:
+        chunk = max(1, min(1024, SIM_BUDGET // max(train_feats.shape[0], 1)))
     _check(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk)
     dtype = torch.promote_types(train_feats.dtype, torch.float32)
     train = train_feats.to(dtype)
@@ -118,4 +125,4 @@ def knn_classify(
     return torch.cat(out)
 
 
-__all__ = ["knn_classify"]
+__all__ = ["SIM_BUDGET", "knn_classify"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class ProbeResult:
     topk: np.ndarray  # (M, min(5, C)) class ids, best first
     value: float  # the chosen C (clip) or weight decay (cb)
     search: list[tuple[float, float]] = field(default_factory=list)  # (value, val acc1) tried
+    converged: bool = True  # clip: the final L-BFGS fit stopped before max_iter
 
 
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,22 +123,28 @@ def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------- clip: scikit-learn
 def logistic_scores(
     x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray, c: float, num_classes: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, bool]:
     """Fit ``LogisticRegression(C=c, max_iter=1000)`` and score ``x`` for all classes.
 
     Returns:
-        ``(M, num_classes)`` decision values; classes absent from ``y_fit`` get ``-inf``. The
-        ranking's first column is exactly ``LogisticRegression.predict``.
+        ``(scores (M, num_classes), converged)``: decision values, ``-inf`` for classes absent
+        from ``y_fit`` (the ranking's first column is exactly ``LogisticRegression.predict``),
+        and whether L-BFGS stopped before ``max_iter``.
     """
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(C=c, max_iter=1000).fit(x_fit, y_fit)
+    with warnings.catch_warnings():
+        # Weakly regularised fits (large C) often use all 1,000 iterations: the protocol's cap,
+        # reported as ``converged`` rather than as a warning per fit.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = LogisticRegression(C=c, max_iter=1000).fit(x_fit, y_fit)
     d = clf.decision_function(x)
     if d.ndim == 1:  # two classes: predict() is classes_[1] where d > 0, else classes_[0]
         d = np.stack([np.zeros_like(d), d], axis=1)
     scores = np.full((x.shape[0], num_classes), -np.inf)
     scores[:, clf.classes_] = d
-    return scores
+    return scores, bool(np.max(clf.n_iter_) < clf.max_iter)
 
 
 def clip_probe(
@@ -174,7 +182,7 @@ def clip_probe(
         fit, val = holdout_split(y_train, holdout, seed)
 
         def score(i: int) -> float:
-            s = logistic_scores(x_train[fit], y_train[fit], x_train[val], C_GRID[i], num_classes)
+            s, _ = logistic_scores(x_train[fit], y_train[fit], x_train[val], C_GRID[i], num_classes)
             acc = _accuracy(s, y_train[val])
             search.append((float(C_GRID[i]), acc))
             if progress:
@@ -185,8 +193,8 @@ def clip_probe(
         c = float(C_GRID[best])
     elif not c > 0:
         raise ValueError(f"C must be > 0 (got {c})")
-    scores = logistic_scores(x_train, y_train, x_test, c, num_classes)
-    return ProbeResult(_ranked(scores, min(5, num_classes)), float(c), search)
+    scores, converged = logistic_scores(x_train, y_train, x_test, c, num_classes)
+    return ProbeResult(_ranked(scores, min(5, num_classes)), float(c), search, converged)
 
 
 # --------------------------------------------------------------------------- cb: torch linear

@@ -103,7 +103,10 @@ def _fit(ctx: driver.EvalContext, tt: Any) -> tuple[Any, dict[str, Any]]:
             tt.train.feats.numpy(), tt.train.labels.numpy(), tt.test.feats.numpy(), c=o.c,
             progress=ctx.progress, **common,
         )  # fmt: skip
-        details = {"protocol": "clip", "C": r.value, "search": [[v, a] for v, a in r.search]}
+        details = {
+            "protocol": "clip", "C": r.value, "converged": r.converged,
+            "search": [[v, a] for v, a in r.search],
+        }  # fmt: skip
     else:
         r = cb_probe(
             tt.train.feats, tt.train.labels, tt.test.feats, weight_decay=o.weight_decay,

@@ -141,6 +141,7 @@ def test_cli_clip_fixed_c_equals_sklearn(cuts, cache, tmp_path, capsys) -> None:
     assert rc == 0 and "acc1=" in stdout
     res = json.loads(out.read_text())
     assert res["task"] == "linear_probe" and res["protocol"] == "clip" and res["C"] == 0.5
+    assert isinstance(res["converged"], bool)
     assert set(res["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert (res["n_samples"], res["n_train"], res["n_classes"]) == (100, 200, 10)
     from clipkit.models.load import load_model
