@@ -82,7 +82,67 @@ def evaluate_clip(
         name = _dataset_name(cfg, cfg.eval.retrieval)
         rep = evaluate(RETRIEVAL, model, cfg.eval.retrieval, dataset=name, **common)
         out.update({f"retrieval/{name}/{k}": v for k, v in rep.scalars().items()})
+    out.update(evaluate_knn(cfg, model, accelerator))
     return out
+
+
+def _knn_options(cfg: Config) -> Any:
+    from clipkit.eval.knn_cli import KnnOptions
+
+    return KnnOptions(
+        train=cfg.eval.knn_train, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
+    )
+
+
+def evaluate_knn(cfg: Config, model: Any, accelerator: Any) -> dict[str, float]:
+    """Weighted kNN (``clipkit eval knn``'s evaluator) of ``model.encode_image`` features.
+
+    Fits on ``eval.knn_train`` and scores ``eval.knn`` (both empty: nothing); every rank
+    extracts its slice of both sets, the features are gathered.
+
+    Returns:
+        ``{"knn/<set>/acc1": ..., "knn/<set>/acc5": ..., ...}`` (the CLI's metrics and counts).
+    """
+    if not cfg.eval.knn:
+        return {}
+    from clipkit.eval.driver import evaluate
+    from clipkit.eval.knn_cli import EVALUATOR as KNN
+
+    name = _dataset_name(cfg, cfg.eval.knn)
+    rep = evaluate(
+        KNN,
+        model,
+        cfg.eval.knn,
+        _knn_options(cfg),
+        dataset=name,
+        batch_size=cfg.eval.batch_size,
+        workers=cfg.data.workers,
+        accelerator=accelerator,
+        device=accelerator.device,
+        precision="fp32",
+    )
+    return {f"knn/{name}/{k}": v for k, v in rep.scalars().items()}
+
+
+def check_knn_inputs(cfg: Config, model: Any) -> None:
+    """``eval.knn`` and ``eval.knn_train`` come together, open, and name the same classes.
+
+    Raises:
+        ValueError: one line naming the key, the path and the problem.
+    """
+    if not cfg.eval.knn and not cfg.eval.knn_train:
+        return
+    if not (cfg.eval.knn and cfg.eval.knn_train):
+        missing = "eval.knn_train" if cfg.eval.knn else "eval.knn"
+        raise ValueError(f"{missing} is empty: kNN needs both eval.knn (TEST) and eval.knn_train")
+    from clipkit.eval.train_test import check_class_sets
+
+    for key, spec in (("eval.knn", cfg.eval.knn), ("eval.knn_train", cfg.eval.knn_train)):
+        _check_exists(key, spec)
+    try:
+        check_class_sets(cfg.eval.knn, _knn_options(cfg))
+    except ValueError as err:
+        raise ValueError(f"eval.knn={cfg.eval.knn}: {err}") from None
 
 
 # --------------------------------------------------------------------------- start-of-run checks
@@ -197,3 +257,4 @@ def check_eval_inputs(cfg: Config, model: Any) -> None:
         _check_zeroshot(cfg, model, zs_spec)
     if cfg.eval.retrieval:
         _check_retrieval(cfg, model, cfg.eval.retrieval)
+    check_knn_inputs(cfg, model)

@@ -1,0 +1,185 @@
+"""Image self-supervision tasks on the one loop: SimCLR and MoCo.
+
+Both read image-only data as V >= 2 augmented uint8 views per image (:mod:`clipkit.data.views`),
+normalised on the device, and train an :class:`~clipkit.models.ssl.SSLModel` (backbone +
+projection head) with a loss from the one registry (``loss.name``):
+
+* ``task=simclr`` (Chen et al. 2020): both views through the student; NT-Xent over the 2N views
+  (``loss.name=nt_xent``, ``loss.temperature`` 0.5 in the shipped config).
+* ``task=moco`` v2 (Chen et al. 2020, "Improved baselines"): queries from the student, keys
+  from a momentum teacher (:class:`~clipkit.losses.teacher.MomentumTeacher`), negatives from a
+  queue of past keys of every rank (``loss.name=moco``, ``loss.queue_size``). The loss is
+  symmetrised (each view is a query once), as lightly's and MoCo's own CIFAR-10 recipes do.
+
+Evaluation is the weighted kNN of :mod:`clipkit.eval` on backbone features (``eval.knn`` with
+``eval.knn_train``); export is the student's ``ssl_config.json`` + weights (plus the teacher).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipkit.config.schema import Config
+from clipkit.models.ssl import SSLModel
+from clipkit.train.task import Embeddings, Task, TrainData
+
+# task -> (default head, default view recipe, loss names it trains with)
+DEFAULTS = {
+    "simclr": ("simclr", "simclr", ("nt_xent",)),
+    "moco": ("moco_v2", "moco_v2", ("moco",)),
+}
+
+
+def _unwrap(model: nn.Module) -> SSLModel:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+class _ImageSSLTask(Task):
+    """What SimCLR and MoCo share: the model, the views, normalisation, kNN, export."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --------------------------------------------------------------- model and data
+    def head(self, cfg: Config) -> str:
+        return cfg.ssl.head or DEFAULTS[self.name][0]
+
+    def recipe(self, cfg: Config) -> str:
+        return cfg.ssl.recipe or DEFAULTS[self.name][1]
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        """An :class:`SSLModel` per ``ssl.*``."""
+        s = cfg.ssl
+        return SSLModel(
+            s.backbone,
+            self.head(cfg),
+            s.proj_hidden,
+            s.proj_dim,
+            cifar_stem=s.cifar_stem,
+            image_size=s.image_size,
+        )
+
+    def check_inputs(self, cfg: Config, model: nn.Module) -> None:
+        """Views, loss and kNN sets fit the task (one line each, before any step)."""
+        if cfg.ssl.views < 2:
+            raise ValueError(f"ssl.views={cfg.ssl.views}: {self.name} needs at least 2 views")
+        losses = DEFAULTS[self.name][2]
+        if cfg.loss.name not in losses:
+            raise ValueError(
+                f"loss.name={cfg.loss.name}: task={self.name} trains with {' or '.join(losses)}"
+            )
+        from clipkit.train.evaluation import check_knn_inputs
+
+        check_knn_inputs(cfg, _unwrap(model))
+
+    def build_train_data(
+        self, cfg: Config, model: nn.Module, rank: int, world_size: int
+    ) -> TrainData:
+        """``data.train`` (image-only input is valid) as V uint8 views per image."""
+        from clipkit.data import build_train_loader
+        from clipkit.data.views import ViewSpec
+
+        if not cfg.data.train:
+            raise ValueError(
+                "data.train is empty: give image data, e.g. "
+                "data.train=../shared/data/cifar10/train.tar"
+            )
+        m = _unwrap(model)
+        return build_train_loader(
+            cfg.data,
+            tokenizer=None,
+            image_size=m.image_size,
+            mean=m.mean,
+            std=m.std,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world_size,
+            views=ViewSpec(self.recipe(cfg), cfg.ssl.views),
+        )
+
+    def _images(self, model: nn.Module, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The batch's views, normalised on the device: V tensors ``(B, 3, S, S)``."""
+        from clipkit.data import normalize
+
+        views = batch["views"]  # (V, B, 3, S, S) uint8
+        dev = views.device
+        if dev not in self._norm:
+            m = _unwrap(model)
+            self._norm[dev] = (torch.tensor(m.mean, device=dev), torch.tensor(m.std, device=dev))
+        mean, std = self._norm[dev]
+        return [normalize(v, mean, std) for v in views]
+
+    def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
+        """None: the loss module's fixed temperature (``loss.temperature``)."""
+        return None
+
+    # --------------------------------------------------------------- evaluation, export
+    def evaluate(
+        self, cfg: Config, model: nn.Module, accelerator: Any, step: int
+    ) -> dict[str, float]:
+        """Weighted kNN top-1/top-5 of backbone features (``eval.knn`` / ``eval.knn_train``)."""
+        from clipkit.train.evaluation import evaluate_knn
+
+        return evaluate_knn(cfg, _unwrap(model), accelerator)
+
+    def export(self, cfg: Config, model: nn.Module, out_dir: str) -> None:
+        _unwrap(model).export(Path(out_dir), extra=self.extra_modules())
+
+
+class SimCLRTask(_ImageSSLTask):
+    """SimCLR: two views through one network, NT-Xent over the 2N projections."""
+
+    name = "simclr"
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
+        x1, x2 = self._images(model, batch)[:2]
+        # Each view through its own forward (BN statistics per view, as the reference recipes).
+        return Embeddings(q=model(x1), k=model(x2))  # (B, P) each, L2-normalised
+
+
+class MoCoTask(_ImageSSLTask):
+    """MoCo v2: student queries, momentum-teacher keys, a queue of past keys as negatives."""
+
+    name = "moco"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher: nn.Module | None = None
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        """The student, and its momentum teacher (a copy made before DDP wraps the student)."""
+        from clipkit.losses.teacher import MomentumTeacher
+
+        if cfg.ssl.moco_version != 2:
+            raise ValueError(
+                f"ssl.moco_version={cfg.ssl.moco_version}: only 2 (queue) is implemented"
+            )
+        student = super().build_model(cfg)
+        self.teacher = MomentumTeacher(student, cfg.ssl.momentum, cfg.ssl.momentum_final)
+        return student
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher} if self.teacher is not None else {}
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
+        assert self.teacher is not None, "build_model first"
+        x1, x2 = self._images(model, batch)[:2]
+        q = torch.cat([model(x1), model(x2)])  # (2B, P) student queries
+        # The teacher runs in the student's mode (BN on batch statistics while training).
+        self.teacher.train(model.training)
+        k = torch.cat([self.teacher(x2), self.teacher(x1)])  # (2B, P) keys: each view's pair
+        return Embeddings(q=q, k=k)
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        assert self.teacher is not None
+        return {"teacher_momentum": self.teacher.update(model, step, total_steps)}
+
+
+__all__ = ["MoCoTask", "SimCLRTask"]

@@ -1,0 +1,161 @@
+"""SimCLR and MoCo on the one loop: end to end on real CIFAR-10 images, exact SIGKILL resume,
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipkit.train.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cut(src: Path, dst: Path, per_class: int) -> Path:
+    """An ImageFolder tar of the first ``per_class`` images of each class of a real CIFAR tar."""
+    seen: dict[str, int] = {}
+    with tarfile.open(src) as tf, tarfile.open(dst, "w") as out:
+        for m in tf:
+            if not m.isfile():
+                continue
+            cls = m.name.removeprefix("./").split("/")[0]
+            if seen.get(cls, 0) < per_class:
+                seen[cls] = seen.get(cls, 0) + 1
+                out.addfile(m, tf.extractfile(m))
+            if len(seen) == 10 and all(v >= per_class for v in seen.values()):
+                break
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cifar(data_root, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cifar")
+    return {
+        "train": _cut(data_root / "cifar10" / "train.tar", root / "train.tar", 8),
+        "test": _cut(data_root / "cifar10" / "test.tar", root / "test.tar", 3),
+    }
+
+
+def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    config = {"simclr": "simclr_cifar10", "moco": "moco_cifar10"}[task]
+    return [
+        "--config",
+        str(REPO / "configs" / f"{config}.yaml"),
+        f"data.train={cifar['train']}",
+        "data.workers=0",
+        f"eval.knn={cifar['test']}",
+        f"eval.knn_train={cifar['train']}",
+        "eval.knn_k=5",
+        f"train.output_dir={out}",
+        "train.batch_size=16",
+        "train.trackers=[]",
+        "train.log_every=1",
+        "train.torch_threads=2",
+        "ssl.backbone=timm:resnet10t",  # small and fast on 2 cores; the recipe is unchanged
+        "ssl.proj_hidden=64",
+        "ssl.proj_dim=32",
+        "optim.lr=0.06",
+        *(["loss.queue_size=64"] if task == "moco" else []),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["simclr", "moco"])
+def test_runs_end_to_end_and_knn_equals_the_cli(task, cifar, tmp_path, capsys):
+    run = tmp_path / task
+    assert main(_args(task, cifar, run, "train.max_steps=3")) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    knn = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("eval/knn/")}
+    assert metrics["step"] == 3 and knn["n"] == 30 and knn["n_train"] == 80
+    losses = [json.loads(x)["train/loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in x]  # fmt: skip
+    assert len(losses) == 3 and all(x == x for x in losses)  # finite
+    assert (run / "export" / "ssl_config.json").is_file()
+    assert (run / "export" / "teacher.safetensors").is_file() == (task == "moco")
+    from clipkit.cli import main as cli
+
+    out = tmp_path / "knn.json"
+    rc = cli(
+        ["eval", "knn", "--model", str(run), "--train", str(cifar["train"]), "--data",
+         str(cifar["test"]), "--k", "5", "--workers", "0", "--output", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    got = json.loads(out.read_text())["metrics"]
+    for k in ("acc1", "acc5", "mean_per_class_recall"):
+        assert abs(got[k] - knn[k]) <= 1e-6, k
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    state = {
+        f"model.{k}": v for k, v in load_file(str(run / "export" / "model.safetensors")).items()
+    }
+    teacher = run / "export" / "teacher.safetensors"
+    if teacher.is_file():
+        state.update({f"teacher.{k}": v for k, v in load_file(str(teacher)).items()})
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["simclr", "moco"])
+def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
+    """Weights, momentum teacher and queue of a killed + resumed run equal the uninterrupted."""
+    common = ["train.max_steps=4", "train.checkpoint_every=2", "eval.knn=", "eval.knn_train="]
+    ref = tmp_path / "ref"
+    assert main(_args(task, cifar, ref, *common)) == 0
+    run = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *_args(task, cifar, run, *common)]
+    env = {**os.environ, "CLIPKIT_FAULT_KILL_AT_STEP": "3"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (run / "export").exists()
+    assert main(_args(task, cifar, run, *common, "train.resume=latest")) == 0
+    a, b = _state(ref), _state(run)
+    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a) == (task == "moco")
+    for k in a:
+        assert (a[k].double() - b[k].double()).abs().max().item() <= 1e-6, k
+    if task == "moco":  # the queue lives in the loss module's checkpointed state
+        qa = torch.load(ref / "checkpoints" / "step_0000004" / "custom_checkpoint_1.pkl")
+        qb = torch.load(run / "checkpoints" / "step_0000004" / "custom_checkpoint_1.pkl")
+        keys = [k for k in qa if "queue" in k or k.endswith("keys")]
+        assert keys, list(qa)
+        for k in keys:
+            assert torch.equal(qa[k], qb[k]), k
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("ssl.views=1", "ssl.views=1"),
+        ("ssl.backbone=vgg11", "unknown ssl.backbone 'vgg11'"),
+        ("loss.name=infonce", "loss.name=infonce: task=simclr trains with nt_xent"),
+    ],
+)
+def test_bad_ssl_settings_are_one_line(override, needle, cifar, tmp_path, capsys):
+    assert main(_args("simclr", cifar, tmp_path / "bad", "train.max_steps=1", override)) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_knn_sets_with_different_classes_fail_at_start(cifar, tmp_path, data_root, capsys):
+    other = tmp_path / "three"
+    for c in ("cat", "dog", "frog"):
+        (other / c).mkdir(parents=True)
+    with tarfile.open(cifar["test"]) as tf:
+        for m in tf:
+            cls, name = m.name.removeprefix("./").split("/")
+            if cls in ("cat", "dog", "frog"):
+                (other / cls / name).write_bytes(tf.extractfile(m).read())
+    argv = _args("simclr", cifar, tmp_path / "bad", "train.max_steps=1", f"eval.knn={other}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different class sets" in err and len(err.splitlines()) == 1, err
