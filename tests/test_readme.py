@@ -9,8 +9,9 @@ The commands run through bash in a working folder laid out as the README assumes
     tmp/work/              cwd: scripts/, configs/ (links into the repo), captions.tsv + photos/
                            (16 coco_mini images and their captions), my.yaml, shards/, runs/, emb/
     tmp/shared/data     -> the real data (CLIPKIT_DATA), so ``../shared/data/...`` resolves
-    tmp/tiny/              small cuts of real data: cifar10/test.tar (10 test images per class,
-                           same ImageFolder-tar layout), sts/stsbenchmark/ (64 pairs per split)
+    tmp/tiny/              small cuts of real data: cifar10/test.tar and train.tar (10 test and 20
+                           train images per class, same ImageFolder-tar layout),
+                           sts/stsbenchmark/ (64 pairs per split)
     tmp/home/              HOME: caches (the digits demo's shards) start empty, as on a new machine
 
 and are chained as a user would chain them: build shards -> verify -> train on them -> evaluate,
@@ -69,6 +70,8 @@ SHARDS_README = "{00000..00127}"
 SHARDS_TEST = "{00000..00001}"  # 16 samples in shards of 8: a run has 2 readers (2 workers)
 CIFAR_README = "../shared/data/cifar10/test.tar"
 CIFAR_TEST = "../tiny/cifar10/test.tar"  # the full set: > 2 min on 2 cores; 100 of its images
+CIFAR_TRAIN_README = "../shared/data/cifar10/train.tar"
+CIFAR_TRAIN_TEST = "../tiny/cifar10/train.tar"  # 200 of its 50,000 images
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,19 @@ COMMANDS: dict[str, Run] = {
         "eval_zeroshot",
         subs=((CIFAR_README, CIFAR_TEST),),
         how="on the run above, 100 CIFAR-10 images",
+    ),
+    "clipkit eval knn --model runs/mine/export --train ../shared/data/cifar10/train.tar "
+    "--data ../shared/data/cifar10/test.tar --output knn.json": Run(
+        "eval_knn",
+        subs=((CIFAR_TRAIN_README, CIFAR_TRAIN_TEST), (CIFAR_README, CIFAR_TEST)),
+        how="on the run above, 200 CIFAR-10 train and 100 test images",
+    ),
+    "clipkit eval linear-probe --model runs/mine/export --train "
+    "../shared/data/cifar10/train.tar --data ../shared/data/cifar10/test.tar --protocol clip "
+    "--output probe.json": Run(
+        "eval_linear_probe",
+        subs=((CIFAR_TRAIN_README, CIFAR_TRAIN_TEST), (CIFAR_README, CIFAR_TEST)),
+        how="on the run above, 200 CIFAR-10 train and 100 test images (C searched)",
     ),
     "clipkit eval retrieval --model runs/mine/export --data "
     "../shared/data/coco_mini/captions.tsv --output coco.json": Run(
@@ -285,22 +301,24 @@ def work(tmp_path_factory, data_root: Path) -> Path:
         out.writerow(["filepath", "title"])
         out.writerows([Path(r["filepath"]).name, r["title"]] for r in rows if r["filepath"] in keep)
 
-    # tiny/cifar10/test.tar: the first 10 test images of each class, same tar layout.
+    # tiny/cifar10/{test,train}.tar: the first 10 test (20 train) images of each class, same
+    # tar layout.
     (tmp / "tiny" / "cifar10").mkdir(parents=True)
-    per_class: Counter[str] = Counter()
-    with (
-        tarfile.open(data_root / "cifar10" / "test.tar") as src,
-        tarfile.open(tmp / "tiny" / "cifar10" / "test.tar", "w") as dst,
-    ):
-        for m in src:
-            if m.isdir():
-                dst.addfile(m)
-            elif m.isfile():
-                cls = Path(m.name).parent.name
-                if per_class[cls] < 10:
-                    per_class[cls] += 1
-                    dst.addfile(m, src.extractfile(m))
-    assert len(per_class) == 10 and set(per_class.values()) == {10}
+    for split, n in (("test", 10), ("train", 20)):
+        per_class: Counter[str] = Counter()
+        with (
+            tarfile.open(data_root / "cifar10" / f"{split}.tar") as src,
+            tarfile.open(tmp / "tiny" / "cifar10" / f"{split}.tar", "w") as dst,
+        ):
+            for m in src:
+                if m.isdir():
+                    dst.addfile(m)
+                elif m.isfile():
+                    cls = Path(m.name).parent.name
+                    if per_class[cls] < n:
+                        per_class[cls] += 1
+                        dst.addfile(m, src.extractfile(m))
+        assert len(per_class) == 10 and set(per_class.values()) == {n}
 
     # tiny/sts/stsbenchmark: the first 64 pairs of each STS-B split.
     sts = tmp / "tiny" / "sts" / "stsbenchmark"
@@ -438,6 +456,15 @@ def test_in_training_zeroshot_equals_cli(trained, zeroshot, work: Path) -> None:
     for k in ("acc1", "acc5", "mean_per_class_recall"):
         (key,) = [m for m in metrics if re.fullmatch(rf"eval/zeroshot/[^/]+/{k}", m)]
         assert abs(metrics[key] - zeroshot["metrics"][k]) <= 1e-6, (key, metrics[key], zeroshot)
+
+
+@pytest.mark.parametrize(("name", "output"), [("eval_knn", "knn"), ("eval_linear_probe", "probe")])
+def test_eval_knn_linear_probe(name: str, output: str, trained, work: Path, env) -> None:
+    _export(work)
+    ok(run_readme(name, work, env))
+    res = json.loads((work / f"{output}.json").read_text())
+    assert (res["n_samples"], res["n_train"], res["skipped"]) == (100, 200, 0), res
+    assert 0 <= res["metrics"]["acc1"] <= 1
 
 
 def test_eval_retrieval(trained, work: Path, env: dict[str, str]) -> None:
