@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def _read_cache(path: Path) -> Features | None:
         with np.load(path) as z:
             feats, labels = torch.from_numpy(z["feats"]), torch.from_numpy(z["labels"])
             skipped, shards = (int(v) for v in z["skipped"])
-    except (OSError, KeyError, ValueError):  # a half-written or foreign file: recompute
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # foreign: recompute
         return None
     return Features(feats, labels, skipped, shards, cached=True)
 

@@ -61,3 +61,11 @@ def test_cache_hit_equals_fresh_and_keys_follow_inputs(micro_model, small_tar, t
 def test_no_images_raises(tmp_path) -> None:
     with pytest.raises(ValueError, match="not found"):
         extract_features(EncodeOnly(), str(tmp_path / "missing.tar"))
+
+
+def test_a_broken_cache_file_is_recomputed(small_tar, tmp_path) -> None:
+    model = EncodeOnly()
+    (tmp_path / f"{cache_key(model, str(small_tar))}.npz").write_bytes(b"PK\x03\x04 not a zip")
+    f = extract_features(model, str(small_tar), cache_dir=tmp_path)
+    assert not f.cached and f.feats.shape == (30, 24)
+    assert extract_features(model, str(small_tar), cache_dir=tmp_path).cached  # rewritten
