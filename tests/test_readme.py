@@ -72,6 +72,12 @@ CIFAR_README = "../shared/data/cifar10/test.tar"
 CIFAR_TEST = "../tiny/cifar10/test.tar"  # the full set: > 2 min on 2 cores; 100 of its images
 CIFAR_TRAIN_README = "../shared/data/cifar10/train.tar"
 CIFAR_TRAIN_TEST = "../tiny/cifar10/train.tar"  # 200 of its 50,000 images
+# Shrinks an image-SSL config to 2 CPU steps on the CIFAR-10 cuts (same recipe, small backbone).
+TINY_SSL = (
+    f"data.train={CIFAR_TRAIN_TEST} eval.knn={CIFAR_TEST} eval.knn_train={CIFAR_TRAIN_TEST} "
+    "eval.knn_k=5 data.workers=0 train.max_steps=2 train.batch_size=16 train.trackers=[] "
+    "ssl.backbone=timm:resnet10t ssl.proj_hidden=64 ssl.proj_dim=32"
+)
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,19 @@ COMMANDS: dict[str, Run] = {
         extra=TINY_SIMCSE,
         how="python, not accelerate launch (what accelerate runs for one CPU process, without "
         "its ~5 s start-up), 2 steps of 8 sentences",
+    ),
+    "accelerate launch scripts/train.py --config configs/simclr_cifar10.yaml": Run(
+        "simclr",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_SSL,
+        how="python (one CPU process), 2 steps of 16 images of the CIFAR-10 train cut, small "
+        "timm backbone, kNN on the cuts",
+    ),
+    "accelerate launch scripts/train.py --config configs/moco_cifar10.yaml": Run(
+        "moco",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_SSL + " loss.queue_size=64",
+        how="as simclr, queue of 64 keys",
     ),
     "clipkit embed --model runs/mine --input 'shards/{00000..00127}.tar' --output emb/": Run(
         "embed", subs=((SHARDS_README, SHARDS_TEST),), how="the run and shards above"
@@ -473,6 +492,18 @@ def test_eval_retrieval(trained, work: Path, env: dict[str, str]) -> None:
     res = json.loads((work / "coco.json").read_text())
     assert res["n_samples"] == 80 and res["skipped"] == 0, res
     assert 0 <= res["metrics"]["image_retrieval_recall@5"] <= 1
+
+
+# --------------------------------------------------------------------------- image self-supervision
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_image_ssl(name: str, work: Path, env: dict[str, str]) -> None:
+    out = ok(run_readme(name, work, env))
+    run = work / "runs" / f"{name}_cifar10"
+    metrics = json.loads((run / "metrics.json").read_text())
+    knn = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("eval/knn/")}
+    assert metrics["step"] == 2 and (knn["n"], knn["n_train"]) == (100, 200), out[-2000:]
+    assert (run / "export" / "ssl_config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------- SimCSE
