@@ -182,26 +182,8 @@ def train_crop(
     Raises:
         DecodeError: when the bytes are not a decodable image.
     """
-    if fast and data[:2] == b"\xff\xd8":
-        try:
-            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError as err:
-            raise DecodeError(f"undecodable JPEG ({err})") from err
-        if colorspace not in ("CMYK", "YCCK") and _jpeg_orientation(data) == 1:
-            box = crop_params(rng, h, w, scale)
-            # Smallest decoded image whose crop still covers size x size.
-            min_h = math.ceil(size * h / box[2])
-            min_w = math.ceil(size * w / box[3])
-            try:
-                arr = simplejpeg.decode_jpeg(
-                    data, colorspace="RGB", min_height=min(min_h, h), min_width=min(min_w, w)
-                )  # (h', w', 3)
-            except ValueError as err:
-                raise DecodeError(f"undecodable JPEG ({err})") from err
-            return _to_chw(_resize_box(Image.fromarray(arr), box, (h, w), size))
-    img = open_pil(data)
-    box = crop_params(rng, img.height, img.width, scale)
-    return _to_chw(_resize_box(img, box, (img.height, img.width), size))
+    # One box: the multi-view decoder with a single view (same RNG use, same pixels).
+    return crop_boxes(data, size, lambda h, w: [crop_params(rng, h, w, scale)], fast)[0]
 
 
 def crop_boxes(
