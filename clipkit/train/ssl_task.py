@@ -165,6 +165,21 @@ class MoCoTask(_ImageSSLTask):
         self.teacher = MomentumTeacher(student, cfg.ssl.momentum, cfg.ssl.momentum_final)
         return student
 
+    def check_inputs(self, cfg: Config, model: nn.Module) -> None:
+        """As every SSL task, plus a queue that holds whole steps of keys (checked now, not at
+        the first step)."""
+        super().check_inputs(cfg, model)
+        from accelerate import PartialState
+
+        from clipkit.losses.moco import check_queue_size
+
+        # Both views are queries (symmetrised loss): 2 keys per image, every process and
+        # micro-batch of the step.
+        world = PartialState().num_processes
+        check_queue_size(
+            cfg.loss.queue_size, 2 * cfg.train.batch_size * cfg.train.accum_steps * world
+        )
+
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher} if self.teacher is not None else {}
 

@@ -138,10 +138,12 @@ def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
         ("ssl.views=1", "ssl.views=1"),
         ("ssl.backbone=vgg11", "unknown ssl.backbone 'vgg11'"),
         ("loss.name=infonce", "loss.name=infonce: task=simclr trains with nt_xent"),
+        ("loss.queue_size=100", "queue_size=100"),  # not a multiple of the 32 keys per step
     ],
 )
 def test_bad_ssl_settings_are_one_line(override, needle, cifar, tmp_path, capsys):
-    assert main(_args("simclr", cifar, tmp_path / "bad", "train.max_steps=1", override)) == 2
+    task = "moco" if override.startswith("loss.queue_size") else "simclr"
+    assert main(_args(task, cifar, tmp_path / "bad", "train.max_steps=1", override)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
 
