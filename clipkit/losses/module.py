@@ -192,6 +192,47 @@ class InfoNCELoss(ContrastiveLoss):
         )
 
 
+class MoCoV3Loss(InfoNCELoss):
+    """MoCo v3 (Chen, Xie, He 2021): ``2 T (ctr(q1, k2) + ctr(q2, k1))``, in-batch keys of every
+    rank as negatives, no queue; equal to :func:`clipkit.losses.moco_v3_loss`.
+
+    Both views travel in one tensor with their rows interleaved (``q[0::2]`` = view 1, ``q[1::2]``
+    = view 2, the same for ``k``), so GradCache's concatenation of micro-batches keeps every
+    pair together; each direction is the parent's one-directional InfoNCE (gather, rank-offset
+    labels), so N processes equal one process with the global batch as InfoNCE does.
+
+    Args:
+        temperature: T (the paper's code: 1.0 for ResNets, 0.2 for ViTs).
+        **kwargs: see :class:`ContrastiveLoss` (no queue).
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs) -> None:
+        if kwargs.get("queue_size"):
+            raise ValueError("loss.queue_size applies to moco (v2), not moco_v3 (no queue)")
+        super().__init__(temperature, symmetric=False, **kwargs)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q``, ``k``: ``(2n, D)`` interleaved views (student queries, teacher keys)."""
+        if hard_negatives is not None:
+            raise ValueError("moco_v3 takes no hard negatives")
+        if q.shape[0] % 2 or q.shape != k.shape:
+            raise ValueError(f"moco_v3 needs (2n, D) interleaved views, got {tuple(q.shape)}")
+        s = logit_scale if logit_scale is not None else self.logit_scale
+        fwd = super().forward
+        ctr = fwd(q[0::2], k[1::2], logit_scale=logit_scale) + fwd(
+            q[1::2], k[0::2], logit_scale=logit_scale
+        )
+        return 2.0 * ctr / s  # 2 T (...), T = 1 / scale
+
+
 class SigLIPLoss(ContrastiveLoss):
     """SigLIP sigmoid loss (:func:`clipkit.losses.siglip_loss`) with learnable scale and bias.
 
@@ -385,6 +426,13 @@ LOSSES = {
         queue_size=cfg.queue_size,
     ),
     "nt_xent": lambda cfg: NTXentLoss(
+        cfg.temperature,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+        queue_size=cfg.queue_size,
+    ),
+    "moco_v3": lambda cfg: MoCoV3Loss(
         cfg.temperature,
         learnable=cfg.learnable_temperature,
         max_logit_scale=cfg.max_logit_scale,

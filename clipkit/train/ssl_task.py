@@ -10,6 +10,8 @@ projection head) with a loss from the one registry (``loss.name``):
   from a momentum teacher (:class:`~clipkit.losses.teacher.MomentumTeacher`), negatives from a
   queue of past keys of every rank (``loss.name=moco``, ``loss.queue_size``). The loss is
   symmetrised (each view is a query once), as lightly's and MoCo's own CIFAR-10 recipes do.
+  ``ssl.moco_version=3`` (Chen, Xie, He 2021): a predictor on the student, in-batch keys of
+  every rank as negatives, no queue (``loss.name=moco_v3``).
 
 Evaluation is the weighted kNN of :mod:`clipkit.eval` on backbone features (``eval.knn`` with
 ``eval.knn_train``); export is the student's ``ssl_config.json`` + weights (plus the teacher).
@@ -31,6 +33,7 @@ from clipkit.train.task import Embeddings, Task, TrainData
 DEFAULTS = {
     "simclr": ("simclr", "simclr", ("nt_xent",)),
     "moco": ("moco_v2", "moco_v2", ("moco",)),
+    "moco_v3": ("moco_v3", "byol", ("moco_v3",)),  # v3 uses BYOL's asymmetric augmentations
 }
 
 
@@ -47,11 +50,15 @@ class _ImageSSLTask(Task):
         self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --------------------------------------------------------------- model and data
+    def variant(self, cfg: Config) -> str:
+        """The key of :data:`DEFAULTS` this run follows."""
+        return self.name
+
     def head(self, cfg: Config) -> str:
-        return cfg.ssl.head or DEFAULTS[self.name][0]
+        return cfg.ssl.head or DEFAULTS[self.variant(cfg)][0]
 
     def recipe(self, cfg: Config) -> str:
-        return cfg.ssl.recipe or DEFAULTS[self.name][1]
+        return cfg.ssl.recipe or DEFAULTS[self.variant(cfg)][1]
 
     def build_model(self, cfg: Config) -> nn.Module:
         """An :class:`SSLModel` per ``ssl.*``."""
@@ -69,10 +76,11 @@ class _ImageSSLTask(Task):
         """Views, loss and kNN sets fit the task (one line each, before any step)."""
         if cfg.ssl.views < 2:
             raise ValueError(f"ssl.views={cfg.ssl.views}: {self.name} needs at least 2 views")
-        losses = DEFAULTS[self.name][2]
+        losses = DEFAULTS[self.variant(cfg)][2]
         if cfg.loss.name not in losses:
+            what = self.variant(cfg).replace("moco_v3", "moco with ssl.moco_version=3")
             raise ValueError(
-                f"loss.name={cfg.loss.name}: task={self.name} trains with {' or '.join(losses)}"
+                f"loss.name={cfg.loss.name}: task={what} trains with {' or '.join(losses)}"
             )
         from clipkit.train.evaluation import check_knn_inputs
 
@@ -145,22 +153,27 @@ class SimCLRTask(_ImageSSLTask):
 
 
 class MoCoTask(_ImageSSLTask):
-    """MoCo v2: student queries, momentum-teacher keys, a queue of past keys as negatives."""
+    """MoCo v2 (student queries, momentum-teacher keys, a queue of past keys as negatives) or
+    v3 (``ssl.moco_version=3``: queries through a predictor, in-batch keys of every rank as
+    negatives, no queue; ``loss.name=moco_v3``)."""
 
     name = "moco"
+
+    def variant(self, cfg: Config) -> str:
+        return "moco_v3" if cfg.ssl.moco_version == 3 else "moco"
 
     def __init__(self) -> None:
         super().__init__()
         self.teacher: nn.Module | None = None
+        self.version = 2
 
     def build_model(self, cfg: Config) -> nn.Module:
         """The student, and its momentum teacher (a copy made before DDP wraps the student)."""
         from clipkit.losses.teacher import MomentumTeacher
 
-        if cfg.ssl.moco_version != 2:
-            raise ValueError(
-                f"ssl.moco_version={cfg.ssl.moco_version}: only 2 (queue) is implemented"
-            )
+        if cfg.ssl.moco_version not in (2, 3):
+            raise ValueError(f"ssl.moco_version={cfg.ssl.moco_version}; valid: 2, 3")
+        self.version = cfg.ssl.moco_version
         student = super().build_model(cfg)
         self.teacher = MomentumTeacher(student, cfg.ssl.momentum, cfg.ssl.momentum_final)
         return student
@@ -169,6 +182,10 @@ class MoCoTask(_ImageSSLTask):
         """As every SSL task, plus a queue that holds whole steps of keys (checked now, not at
         the first step)."""
         super().check_inputs(cfg, model)
+        if cfg.ssl.moco_version == 3:
+            if _unwrap(model).predictor is None:
+                raise ValueError(f"ssl.head={self.head(cfg)}: MoCo v3 needs a predictor (moco_v3)")
+            return
         from accelerate import PartialState
 
         from clipkit.losses.moco import check_queue_size
@@ -186,9 +203,14 @@ class MoCoTask(_ImageSSLTask):
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         assert self.teacher is not None, "build_model first"
         x1, x2 = self._images(model, batch)[:2]
-        q = torch.cat([model(x1), model(x2)])  # (2B, P) student queries
         # The teacher runs in the student's mode (BN on batch statistics while training).
         self.teacher.train(model.training)
+        if self.version == 3:
+            # Rows interleaved per image (view 1, view 2) so micro-batches concatenate safely.
+            q = torch.stack([model(x1, predict=True), model(x2, predict=True)], 1)  # (B, 2, P)
+            k = torch.stack([self.teacher(x1), self.teacher(x2)], 1)  # (B, 2, P)
+            return Embeddings(q=q.flatten(0, 1), k=k.flatten(0, 1))  # (2B, P) each
+        q = torch.cat([model(x1), model(x2)])  # (2B, P) student queries
         k = torch.cat([self.teacher(x2), self.teacher(x1)])  # (2B, P) keys: each view's pair
         return Embeddings(q=q, k=k)
 

@@ -155,3 +155,27 @@ def test_moco_v3_is_the_papers_formula():
     # and it is the one-directional info_nce underneath
     one = info_nce(F.normalize(q1, dim=1), F.normalize(k2, dim=1), 1 / t, symmetric=False)
     assert _rel(one.detach() * 2 * t, ctr(q1, k2).detach()) <= 1e-6  # float32 scale there
+
+
+@pytest.mark.parametrize("n, d, t", [(1, 3, 1.0), (7, 16, 0.2), (32, 8, 1.0)])
+def test_moco_v3_module_equals_the_pure_function_on_interleaved_views(n, d, t):
+    """The registry's moco_v3 module de-interleaves rows and equals moco_v3_loss (float64)."""
+    from clipkit.config.schema import LossConfig
+    from clipkit.losses import build_loss, moco_v3_loss
+
+    g = torch.Generator().manual_seed(n * 100 + d)
+    q1, q2, k1, k2 = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(4))
+    q1.requires_grad_()
+    ref = moco_v3_loss(q1, q2, k1, k2, t)
+    (g_ref,) = torch.autograd.grad(ref, q1)
+    # The module takes what the tasks' forward gives: unit rows, interleaved by image.
+    q = torch.stack([F.normalize(q1, dim=-1), F.normalize(q2, dim=-1)], 1).flatten(0, 1)
+    k = torch.stack([F.normalize(k1, dim=-1), F.normalize(k2, dim=-1)], 1).flatten(0, 1)
+    mod = build_loss(LossConfig(name="moco_v3", temperature=t, learnable_temperature=False))
+    scale = torch.tensor(1.0 / t, dtype=torch.float64)
+    got = mod(q, k, logit_scale=scale)
+    (g_got,) = torch.autograd.grad(got, q1)
+    assert abs(got.item() - ref.item()) <= 1e-10
+    assert (g_got - g_ref).abs().max().item() <= 1e-10
+    with pytest.raises(ValueError, match="queue"):
+        build_loss(LossConfig(name="moco_v3", queue_size=64, learnable_temperature=False))

@@ -46,7 +46,9 @@ def cifar(data_root, tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    config = {"simclr": "simclr_cifar10", "moco": "moco_cifar10"}[task]
+    config = {"simclr": "simclr_cifar10", "moco": "moco_cifar10", "moco_v3": "moco_v3_cifar10"}[
+        task
+    ]
     return [
         "--config",
         str(REPO / "configs" / f"{config}.yaml"),
@@ -65,12 +67,13 @@ def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str
         "ssl.proj_dim=32",
         "optim.lr=0.06",
         *(["loss.queue_size=64"] if task == "moco" else []),
+        *(["ssl.proj_dim=32", "ssl.proj_hidden=64"] if task == "moco_v3" else []),
         *extra,
     ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["simclr", "moco"])
+@pytest.mark.parametrize("task", ["simclr", "moco", "moco_v3"])
 def test_runs_end_to_end_and_knn_equals_the_cli(task, cifar, tmp_path, capsys):
     run = tmp_path / task
     assert main(_args(task, cifar, run, "train.max_steps=3")) == 0
@@ -81,7 +84,7 @@ def test_runs_end_to_end_and_knn_equals_the_cli(task, cifar, tmp_path, capsys):
               if "train/loss" in x]  # fmt: skip
     assert len(losses) == 3 and all(x == x for x in losses)  # finite
     assert (run / "export" / "ssl_config.json").is_file()
-    assert (run / "export" / "teacher.safetensors").is_file() == (task == "moco")
+    assert (run / "export" / "teacher.safetensors").is_file() == task.startswith("moco")
     from clipkit.cli import main as cli
 
     out = tmp_path / "knn.json"
@@ -111,7 +114,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["simclr", "moco"])
+@pytest.mark.parametrize("task", ["simclr", "moco", "moco_v3"])
 def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
     """Weights, momentum teacher and queue of a killed + resumed run equal the uninterrupted."""
     common = ["train.max_steps=4", "train.checkpoint_every=2", "eval.knn=", "eval.knn_train="]
@@ -125,7 +128,8 @@ def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
     assert not (run / "export").exists()
     assert main(_args(task, cifar, run, *common, "train.resume=latest")) == 0
     a, b = _state(ref), _state(run)
-    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a) == (task == "moco")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("teacher.") for k in a) == task.startswith("moco")
     for k in a:
         assert (a[k].double() - b[k].double()).abs().max().item() <= 1e-6, k
     if task == "moco":  # the queue lives in the loss module's checkpointed state
