@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipkit.config import LossConfig
-from clipkit.losses import build_loss, info_nce, siglip_loss
+from clipkit.losses import build_loss, info_nce, moco_v3_loss, siglip_loss
 from clipkit.losses.moco import moco_rows
 from clipkit.losses.ntxent import nt_xent_scaled
 
@@ -200,6 +200,45 @@ def run_moco_case(rank, world, own_scale: bool) -> dict[str, float]:
     return {name: max(errs), name + "_content": queue_err}
 
 
+def run_moco_v3_case(rank, world) -> float:
+    """MoCo v3: each rank holds its images' two views interleaved by row (as the task does)."""
+    cfg = LossConfig(name="moco_v3", temperature=0.5, learnable_temperature=False, chunk_size=3)
+    p, x = _params(0), _data(1)
+    start = sum(SIZES[:rank])
+    rows = torch.arange(start, start + SIZES[rank])
+
+    def views(p, rows):
+        x1, x2 = x["xq"][rows], x["xk"][rows]  # (n, D_IN): two views of the same images
+        q1, q2 = (F.normalize(v @ p["wq"], dim=-1) for v in (x1, x2))  # student
+        k1, k2 = (F.normalize(v @ p["wk"], dim=-1) for v in (x1, x2))  # teacher
+        return q1, q2, k1, k2
+
+    q1, q2, k1, k2 = views(p, rows)
+    loss_fn = build_loss(cfg).double()
+    # The fixed scale passed in float64: the module's own buffer holds log(1/T) in float32.
+    scale = torch.tensor(1 / 0.5, dtype=DT)
+    local = loss_fn(
+        torch.stack([q1, q2], 1).flatten(0, 1),  # (2n, D) interleaved
+        torch.stack([k1, k2], 1).flatten(0, 1),
+        logit_scale=scale,
+    )
+    local.backward()
+    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+    for g in grads.values():  # what DDP does to the model's parameters
+        dist.all_reduce(g)
+        g /= world
+    mean_loss = local.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    p_ref = _params(0)
+    ref = moco_v3_loss(*views(p_ref, torch.arange(N)), 0.5, chunk_size=4)
+    ref.backward()
+    errs = [_rel(mean_loss, ref.detach())]
+    errs += [_rel(grads[n], t.grad) for n, t in p_ref.items() if t.grad is not None]
+    assert set(grads) == {n for n, t in p_ref.items() if t.grad is not None}
+    return max(errs)
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -208,6 +247,7 @@ def main(out: str) -> None:
     results["infonce_queue"] = run_queue_case(rank, world)
     results.update(run_moco_case(rank, world, own_scale=False))
     results.update(run_moco_case(rank, world, own_scale=True))
+    results["moco_v3"] = run_moco_v3_case(rank, world)
     gathered: list[dict[str, float]] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, results)
     if rank == 0:
