@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _isolated import cell, spawn, status_kb
 
 IMPLS = ("naive", "open_clip", "clipkit")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _loss_fn(impl: str, chunk: int):
@@ -70,9 +60,9 @@ def run_case(impl: str, b: int, d: int, chunk: int, cap_mb: int, threads: int) -
     fn(*warm).backward()  # start thread pools and allocator arenas before capping
     q, k, s = inputs(b)
     del warm
-    vm = _status_kb("VmSize") * 1024
+    vm = status_kb("VmSize") * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + cap_mb * 2**20, resource.RLIM_INFINITY))
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     try:
@@ -84,31 +74,17 @@ def run_case(impl: str, b: int, d: int, chunk: int, cap_mb: int, threads: int) -
         if isinstance(err, MemoryError) or "memory" in str(err).lower():
             return {"oom": True}
         raise
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return {"mb": (peak - rss0) / 1024, "s": dt, "loss": float(loss.detach())}
 
 
 def _spawn(impl: str, b: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--case", impl, "--batches", str(b), "--d", str(args.d),
-           "--chunk", str(args.chunk), "--cap-mb", str(args.cap_mb),
-           "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        if "memory" in tail.lower() or res.returncode in (-9, 137):
-            return {"oom": True}
-        return {"error": tail}
-    return json.loads(lines[-1])
-
-
-def _cell(r: dict, cap_mb: int) -> str:
-    if r.get("oom"):
-        return f"OOM (>{cap_mb:,} MB)"
-    if "error" in r:
-        return f"error: {r['error'][:40]}"
-    return f"{r['mb']:,.0f} / {r['s']:.2f}"
+    return spawn(
+        __file__,
+        ["--case", impl, "--batches", str(b), "--d", str(args.d), "--chunk", str(args.chunk),
+         "--cap-mb", str(args.cap_mb)],
+        args.threads,
+    )  # fmt: skip
 
 
 def _ratio(a: dict, b: dict, key: str) -> str:
@@ -143,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| B | {head} | clipkit/open_clip MB | clipkit/open_clip time | clipkit/naive time |")
     print("|---" * (len(args.impls) + 4) + "|")
     for b in args.batches:
-        cells = " | ".join(_cell(results[(b, i)], args.cap_mb) for i in args.impls)
+        cells = " | ".join(cell(results[(b, i)], args.cap_mb) for i in args.impls)
         ck, oc, nv = (results.get((b, i), {}) for i in IMPLS[::-1])
         print(
             f"| {b:,} | {cells} | {_ratio(ck, oc, 'mb')} | {_ratio(ck, oc, 's')} | "

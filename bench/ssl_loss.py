@@ -25,24 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from _isolated import cell, spawn, status_kb
 
 IMPLS = ("clipkit", "lightly")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _loss_fn(impl: str, temperature: float, chunk: int):
@@ -64,11 +54,11 @@ def run_case(impl: str, args: argparse.Namespace) -> dict:
     z1 = torch.randn(args.n, args.d, generator=g).requires_grad_()
     z2 = torch.randn(args.n, args.d, generator=g).requires_grad_()
     fn(z1[:256], z2[:256]).backward()  # thread pools and allocator arenas, before the cap
-    vm = _status_kb("VmSize") * 1024
+    vm = status_kb("VmSize") * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + args.cap_mb * 2**20, resource.RLIM_INFINITY))
     # Memory from before the first full-size call: an allocator that keeps freed memory
     # resident must not hide the loss's buffers in the baseline.
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     try:
@@ -85,7 +75,7 @@ def run_case(impl: str, args: argparse.Namespace) -> dict:
         if isinstance(err, MemoryError) or "memory" in str(err).lower():
             return {"oom": True}
         raise
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return {
         "mb": (peak - rss0) / 1024,
         "s": statistics.median(times),
@@ -97,19 +87,13 @@ def run_case(impl: str, args: argparse.Namespace) -> dict:
 
 
 def _spawn(impl: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--case", impl, "--n", str(args.n), "--d", str(args.d),
-           "--temperature", str(args.temperature), "--chunk", str(args.chunk),
-           "--repeats", str(args.repeats), "--cap-mb", str(args.cap_mb),
-           "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        if "memory" in tail.lower() or res.returncode in (-9, 137):
-            return {"oom": True}
-        return {"error": tail}
-    return json.loads(lines[-1])
+    return spawn(
+        __file__,
+        ["--case", impl, "--n", str(args.n), "--d", str(args.d), "--temperature",
+         str(args.temperature), "--chunk", str(args.chunk), "--repeats", str(args.repeats),
+         "--cap-mb", str(args.cap_mb)],
+        args.threads,
+    )  # fmt: skip
 
 
 def _merge(runs: list[dict]) -> dict:
@@ -120,14 +104,6 @@ def _merge(runs: list[dict]) -> dict:
     return {**runs[-1], "mb": max(r["mb"] for r in runs), "times": times,
             "s": statistics.median(times), "min": min(times),
             "round_s": [r["s"] for r in runs]}  # fmt: skip
-
-
-def _cell(r: dict, cap_mb: int) -> str:
-    if r.get("oom"):
-        return f"OOM (>{cap_mb:,} MB)"
-    if "error" in r:
-        return f"error: {r['error'][:60]}"
-    return f"{r['mb']:,.0f} MB / {r['s']:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = ", ".join(f"{t:.2f}" for t in r["times"])
             print(f"| {impl} | {r['mb']:,.0f} | {r['s']:.2f} ({runs}) | {r['loss']:.6f} |")
         else:
-            print(f"| {impl} | {_cell(r, args.cap_mb)} | | |")
+            print(f"| {impl} | {cell(r, args.cap_mb, '{mb:,.0f} MB / {s:.2f} s', 60)} | | |")
     if "mb" in ck and "mb" in lt:
         print(f"\nloss difference {abs(ck['loss'] - lt['loss']):.2e}, gradient-norm difference "
               f"{abs(ck['grad_norm'] - lt['grad_norm']):.2e}")  # fmt: skip
