@@ -9,10 +9,11 @@ CLIP_benchmark layouts, caption tables, COCO JSON, image folders, text) for eval
 :mod:`clipkit.data.loader`.
 """
 
-from clipkit.data.decode import eval_crop, normalize, train_crop
+from clipkit.data.decode import DeviceNormalize, eval_crop, normalize, train_crop
 from clipkit.data.loader import ShardLoader, build_eval_loader, build_train_loader
 
 __all__ = [
+    "DeviceNormalize",
     "ShardLoader",
     "build_eval_loader",
     "build_train_loader",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import simplejpeg
@@ -249,6 +249,26 @@ def eval_crop(data: bytes, size: int) -> torch.Tensor:
     img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
     img = TF.center_crop(img, size)
     return _to_chw(img)
+
+
+class DeviceNormalize:
+    """:func:`normalize` with its ``(3,)`` mean and std copied once to each device it meets (a
+    host -> device copy every step would sync the stream). What the tasks call on their batches.
+
+    Args:
+        mean, std: per-channel statistics of the model's preprocessing.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self._host = (torch.tensor(mean), torch.tensor(std))  # (3,) each
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(..., 3, H, W)`` -> float32 normalised, on the images' device."""
+        dev = images.device
+        if dev not in self._on:
+            self._on[dev] = (self._host[0].to(dev), self._host[1].to(dev))
+        return normalize(images, *self._on[dev])
 
 
 def normalize(

@@ -406,6 +406,17 @@ class MoCoLoss(ContrastiveLoss):
         return loss
 
 
+def _temperature_loss(cls: type[ContrastiveLoss], cfg: LossConfig) -> ContrastiveLoss:
+    """The self-supervised losses take the same settings: a temperature and the shared ones."""
+    return cls(
+        cfg.temperature,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+        queue_size=cfg.queue_size,
+    )
+
+
 # name -> builder from the loss config; the error for an unknown name lists these keys.
 LOSSES = {
     "infonce": lambda cfg: InfoNCELoss(
@@ -425,27 +436,9 @@ LOSSES = {
         chunk_size=cfg.chunk_size,
         queue_size=cfg.queue_size,
     ),
-    "nt_xent": lambda cfg: NTXentLoss(
-        cfg.temperature,
-        learnable=cfg.learnable_temperature,
-        max_logit_scale=cfg.max_logit_scale,
-        chunk_size=cfg.chunk_size,
-        queue_size=cfg.queue_size,
-    ),
-    "moco_v3": lambda cfg: MoCoV3Loss(
-        cfg.temperature,
-        learnable=cfg.learnable_temperature,
-        max_logit_scale=cfg.max_logit_scale,
-        chunk_size=cfg.chunk_size,
-        queue_size=cfg.queue_size,
-    ),
-    "moco": lambda cfg: MoCoLoss(
-        cfg.temperature,
-        queue_size=cfg.queue_size,
-        learnable=cfg.learnable_temperature,
-        max_logit_scale=cfg.max_logit_scale,
-        chunk_size=cfg.chunk_size,
-    ),
+    "nt_xent": lambda cfg: _temperature_loss(NTXentLoss, cfg),
+    "moco_v3": lambda cfg: _temperature_loss(MoCoV3Loss, cfg),
+    "moco": lambda cfg: _temperature_loss(MoCoLoss, cfg),
 }
 
 

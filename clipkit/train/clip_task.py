@@ -38,13 +38,13 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
 class ClipTask(Task):
     """Symmetric InfoNCE (or SigLIP) between image and caption embeddings."""
 
-    def __init__(self) -> None:
-        # Normalisation constants per device, built once: a host->device copy every step
-        # would sync the stream.
-        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
     def build_model(self, cfg: Config) -> nn.Module:
-        return build_dual_encoder(cfg.model, cfg.loss)
+        from clipkit.data import DeviceNormalize
+
+        model = build_dual_encoder(cfg.model, cfg.loss)
+        pp = model.clip.visual.preprocess_cfg
+        self._normalize = DeviceNormalize(pp["mean"], pp["std"])
+        return model
 
     def build_train_data(self, cfg: Config, model: nn.Module, rank: int, world_size: int) -> Any:
         from dataclasses import replace
@@ -69,9 +69,7 @@ class ClipTask(Task):
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         image = batch["image"]  # (B, 3, S, S) uint8 from the loader: normalise on the device
         if image.dtype == torch.uint8:
-            from clipkit.data import normalize
-
-            image = normalize(image, *self._mean_std(model, image.device))
+            image = self._normalize(image)
         # Through the (possibly DDP-wrapped) forward so the scale's gradient is all-reduced too.
         out = model(image=image, text=batch["text"])
         return Embeddings(
@@ -80,16 +78,6 @@ class ClipTask(Task):
             logit_scale=out["logit_scale"],
             logit_bias=out.get("logit_bias"),
         )
-
-    def _mean_std(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
-        cache = self._norm
-        if device not in cache:
-            pp = _unwrap(model).clip.visual.preprocess_cfg
-            cache[device] = (
-                torch.tensor(pp["mean"], device=device),  # (3,)
-                torch.tensor(pp["std"], device=device),  # (3,)
-            )
-        return cache[device]
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
         return _unwrap(model).clip.logit_scale.exp()

@@ -46,9 +46,6 @@ class _ImageSSLTask(Task):
 
     name = ""
 
-    def __init__(self) -> None:
-        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
     # --------------------------------------------------------------- model and data
     def variant(self, cfg: Config) -> str:
         """The key of :data:`DEFAULTS` this run follows."""
@@ -62,8 +59,10 @@ class _ImageSSLTask(Task):
 
     def build_model(self, cfg: Config) -> nn.Module:
         """An :class:`SSLModel` per ``ssl.*``."""
+        from clipkit.data import DeviceNormalize
+
         s = cfg.ssl
-        return SSLModel(
+        model = SSLModel(
             s.backbone,
             self.head(cfg),
             s.proj_hidden,
@@ -71,6 +70,8 @@ class _ImageSSLTask(Task):
             cifar_stem=s.cifar_stem,
             image_size=s.image_size,
         )
+        self._normalize = DeviceNormalize(model.mean, model.std)
+        return model
 
     def check_inputs(self, cfg: Config, model: nn.Module) -> None:
         """Views, loss and kNN sets fit the task (one line each, before any step)."""
@@ -112,17 +113,10 @@ class _ImageSSLTask(Task):
             views=ViewSpec(self.recipe(cfg), cfg.ssl.views),
         )
 
-    def _images(self, model: nn.Module, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """The batch's views, normalised on the device: V tensors ``(B, 3, S, S)``."""
-        from clipkit.data import normalize
-
-        views = batch["views"]  # (V, B, 3, S, S) uint8
-        dev = views.device
-        if dev not in self._norm:
-            m = _unwrap(model)
-            self._norm[dev] = (torch.tensor(m.mean, device=dev), torch.tensor(m.std, device=dev))
-        mean, std = self._norm[dev]
-        return [normalize(v, mean, std) for v in views]
+    def _pair(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's first two views, normalised on the device: ``(B, 3, S, S)`` each."""
+        x = self._normalize(batch["views"][:2])  # (2, B, 3, S, S) from uint8 (V, B, 3, S, S)
+        return x[0], x[1]
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:
         """None: the loss module's fixed temperature (``loss.temperature``)."""
@@ -147,7 +141,7 @@ class SimCLRTask(_ImageSSLTask):
     name = "simclr"
 
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
-        x1, x2 = self._images(model, batch)[:2]
+        x1, x2 = self._pair(batch)
         # Each view through its own forward (BN statistics per view, as the reference recipes).
         return Embeddings(q=model(x1), k=model(x2))  # (B, P) each, L2-normalised
 
@@ -202,7 +196,7 @@ class MoCoTask(_ImageSSLTask):
 
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         assert self.teacher is not None, "build_model first"
-        x1, x2 = self._images(model, batch)[:2]
+        x1, x2 = self._pair(batch)
         # The teacher runs in the student's mode (BN on batch statistics while training).
         self.teacher.train(model.training)
         if self.version == 3:
