@@ -34,20 +34,23 @@ class RandState:
 
 
 Embedded = dict[str, Any]
+# Shared by all micro-batches (not concatenated): their gradient is pushed once per step.
+SCALARS = ("logit_scale", "logit_bias")
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
+def widen(t: torch.Tensor) -> torch.Tensor:
     """At least float32 (bf16/fp16 embeddings are widened; float64 stays float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _surrogate(out: Embedded, grads: Embedded) -> torch.Tensor:
     """sum(<output, cached grad>) whose backward pushes the cached grads into the towers."""
-    total = torch.zeros((), device=out["q"].device, dtype=_wide(out["q"]).dtype)
+    total = torch.zeros((), device=out["q"].device, dtype=widen(out["q"]).dtype)
+    # Every cached gradient has a counterpart in the replayed output (same keys each call).
     for name, g in grads.items():
         if g is None or out.get(name) is None:
             continue
-        total = total + (_wide(out[name]) * g).sum()
+        total = total + (widen(out[name]) * g).sum()
     return total
 
 
@@ -63,7 +66,10 @@ def gradcache_step(
     Args:
         micro_batches: the step's micro-batches.
         embed: micro-batch -> ``{"q" (b, D), "k" (b, D), ["hard_negatives" (b*h, D)],
-            ["logit_scale" ()], ["logit_bias" ()]}`` from the (wrapped) model's forward.
+            ["logit_scale" ()], ["logit_bias" ()], [any other name: (b', ...)]}`` from the
+            (wrapped) model's forward. Every tensor except the two scalars is concatenated over
+            micro-batches along its first dimension (so a task's extra row tensors, e.g.
+            ``"extra/view1"``, take the same exact path as ``q`` and ``k``).
         loss_fn: concatenated embeddings -> scalar loss (handles distributed gather itself).
         backward: ``accelerator.backward``.
         no_sync: context manager suppressing DDP's gradient all-reduce (all but the last replay).
@@ -75,11 +81,11 @@ def gradcache_step(
             states.append(RandState())
             cached.append(embed(mb))
     # (2) loss on the full batch; gradients w.r.t. the embeddings (and the scale/bias leaves).
-    names = [n for n in ("q", "k", "hard_negatives") if cached[0].get(n) is not None]
-    leaves = {n: _wide(torch.cat([c[n] for c in cached])).detach().requires_grad_() for n in names}
-    for n in ("logit_scale", "logit_bias"):
+    names = [n for n, t in cached[0].items() if n not in SCALARS and t is not None]
+    leaves = {n: widen(torch.cat([c[n] for c in cached])).detach().requires_grad_() for n in names}
+    for n in SCALARS:
         if cached[0].get(n) is not None:
-            leaves[n] = _wide(cached[0][n]).detach().requires_grad_()
+            leaves[n] = widen(cached[0][n]).detach().requires_grad_()
     loss = loss_fn(leaves)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     gmap = dict(zip(leaves.keys(), grads))
@@ -99,7 +105,7 @@ def gradcache_step(
             # The scale/bias are shared by all micro-batches: push their gradient once, and a
             # zero elsewhere so every replay uses every parameter (DDP insists on that when a
             # wrapper syncs each backward, e.g. a 1-process DDP).
-            for n in ("logit_scale", "logit_bias"):
+            for n in SCALARS:
                 if gmap.get(n) is not None:
                     piece[n] = gmap[n] if i == last else torch.zeros_like(gmap[n])
             backward(_surrogate(out, piece))

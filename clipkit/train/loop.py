@@ -25,6 +25,7 @@ from clipkit.config.loader import to_yaml
 from clipkit.config.schema import Config
 from clipkit.losses import build_loss
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from clipkit.train.gradcache import widen
 from clipkit.train.optim import build_optimizer, lr_lambda
 from clipkit.train.step import step_gradients
 from clipkit.train.task import TrainData, get_task
@@ -130,22 +131,30 @@ def train(cfg: Config) -> dict[str, Any]:
         with accelerator.autocast():
             e = task.embed(model, mb)
         scale = e.logit_scale if e.logit_scale is not None else task.logit_scale(unwrapped)
-        # GradCache works on a plain dict of the loss's inputs.
-        return {
+        # GradCache works on a plain dict of the loss's inputs; a task's extra row tensors
+        # travel as "extra/<name>" so they are concatenated and replayed like q and k.
+        out = {
             "q": e.q,
             "k": e.k,
             "hard_negatives": e.hard_negatives,
             "logit_scale": scale,
             "logit_bias": e.logit_bias,
         }
+        out.update({f"extra/{name}": t for name, t in e.extra.items()})
+        return out
 
     def compute_loss(e: dict[str, Any]) -> torch.Tensor:
+        # The loss runs in at least float32 (bf16/fp16 embeddings widened; float64 kept).
+        hn = e.get("hard_negatives")
+        extra = {n[len("extra/") :]: widen(t) for n, t in e.items() if n.startswith("extra/")}
         return loss_fn(
-            e["q"].float(),
-            e["k"].float(),
-            hard_negatives=None if e.get("hard_negatives") is None else e["hard_negatives"].float(),
+            widen(e["q"]),
+            widen(e["k"]),
+            hard_negatives=None if hn is None else widen(hn),
             logit_scale=e.get("logit_scale"),
             logit_bias=e.get("logit_bias"),
+            # Only tasks with extra inputs pass them: the other losses keep their signature.
+            **({"extra": extra} if extra else {}),
         )
 
     errors: dict[str, str] = {}  # what failed after the state was safe: shown, never fatal

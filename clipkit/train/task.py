@@ -8,7 +8,7 @@ Protocols below are the whole contract; tasks are chosen by ``cfg.task`` from :d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -25,6 +25,11 @@ class Embeddings:
     pair. ``logit_scale`` / ``logit_bias`` come out of the model's forward (so DDP all-reduces
     their gradients with the towers'); ``logit_scale=None`` means the loss module's own
     temperature is used.
+
+    ``extra`` holds further named inputs of the loss whose first dimension is the micro-batch's
+    rows (e.g. SLIP's two image views ``(B, P)`` each, SwAV's small crops ``(B, V, K)``): GradCache
+    concatenates each over micro-batches like ``q`` and ``k``, and the loop hands them to the
+    loss as ``extra={name: tensor}`` (only when there are any).
     """
 
     q: torch.Tensor  # (B, D)
@@ -32,6 +37,7 @@ class Embeddings:
     hard_negatives: torch.Tensor | None = None  # (B * h, D)
     logit_scale: torch.Tensor | None = None  # () exponentiated
     logit_bias: torch.Tensor | None = None  # () SigLIP only
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, ...)
 
 
 @runtime_checkable
