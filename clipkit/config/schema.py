@@ -71,6 +71,12 @@ class LossConfig:
     siglip_init_bias: float = -10.0
     # MoCo-style FIFO of past keys used as extra negatives; 0 disables it.
     queue_size: int = 0
+    # SLIP (Mu et al. 2021): task=clip with ssl_weight > 0 adds ssl_weight x NT-Xent (SimCLR)
+    # over two augmented views of each training image, through an MLP head on the image trunk
+    # (SLIP: 1.0 and a fixed temperature 0.1). task=clip then reads ssl.head, ssl.proj_hidden,
+    # ssl.proj_dim, ssl.views (2) and ssl.recipe; the other ssl.* keys are not read. 0 = CLIP.
+    ssl_weight: float = 0.0
+    ssl_temperature: float = 0.1
 
 
 @dataclass
@@ -167,7 +173,7 @@ class SimCSEConfig:
 
 @dataclass
 class SSLConfig:
-    """What only the image self-supervised tasks read (``task=simclr``, ``task=moco``)."""
+    """What only the image self-supervised tasks read (simclr, moco, byol, barlow_twins, swav)."""
 
     # resnet18|resnet34|resnet50 (torchvision), open_clip:ARCH (vision tower) or timm:NAME.
     backbone: str = "resnet18"
@@ -175,6 +181,8 @@ class SSLConfig:
     cifar_stem: bool = True
     image_size: int = 32
     # Projection / prediction heads (clipkit.models.ssl.HEADS); "" = the task's paper default.
+    # SLIP (task=clip, loss.ssl_weight > 0) reads head ("" = "slip": SLIP's 3-layer BN MLP on
+    # the image trunk), proj_hidden, proj_dim, views (must be 2) and recipe ("" = "slip") only.
     head: str = ""
     proj_hidden: int = 2048
     proj_dim: int = 128
@@ -186,6 +194,13 @@ class SSLConfig:
     # Momentum teacher: cosine schedule from momentum to momentum_final (equal: constant).
     momentum: float = 0.99
     momentum_final: float = 1.0
+    # SwAV: number of prototypes (0 for the other heads) and the optimiser steps for which
+    # they stay frozen (gradients dropped), as the paper's first iterations.
+    prototypes: int = 0
+    freeze_prototypes_steps: int = 0
+    # Collapse guard: warn (once per fall) when the per-dimension std of the L2-normalised
+    # projections, times sqrt(dim), falls below this (1 = spread as uniform; 0 = collapsed).
+    collapse_threshold: float = 0.05
 
 
 @dataclass

@@ -11,7 +11,11 @@ Backbones (:func:`build_backbone`), chosen by name from a small explicit registr
 
 Heads (:data:`HEADS`): ``simclr`` (Linear-BN-ReLU-Linear, SimCLR), ``moco_v2`` (Linear-ReLU-Linear,
 Chen et al. 2020 "Improved baselines"), ``moco_v3`` (3-layer BN MLP projector whose last BN has no
-affine, and a 2-layer predictor; Chen, Xie, He 2021).
+affine, and a 2-layer predictor; Chen, Xie, He 2021), ``byol`` (Linear-BN-ReLU-Linear projector
+and a predictor of the same shape; Grill et al. 2020), ``byol_nopred`` (BYOL without its
+predictor: the collapsing ablation of the BYOL paper, Table 5), ``barlow_twins`` (3 Linear layers,
+BN-ReLU between, as wide as ``proj_dim``; Zbontar et al. 2021) and ``swav`` (Linear-BN-ReLU-Linear
+plus ``prototypes`` unit-norm prototype vectors; Caron et al. 2020).
 
 :class:`SSLModel` returns L2-normalised projections (``forward``) and, for the evaluators, raw
 backbone features (``encode_image``: kNN and linear probes read the representation before the
@@ -128,11 +132,28 @@ def _moco_v3(f: int, hidden: int, out: int) -> tuple[nn.Module, nn.Module | None
     return projector, predictor
 
 
-# name -> (feature dim, hidden, out) -> (projector, predictor or None)
+def _byol(f: int, hidden: int, out: int) -> tuple[nn.Module, nn.Module | None]:
+    return _mlp([f, hidden, out], bn=True), _mlp([out, hidden, out], bn=True)
+
+
+def _byol_nopred(f: int, hidden: int, out: int) -> tuple[nn.Module, nn.Module | None]:
+    return _mlp([f, hidden, out], bn=True), None
+
+
+def _barlow_twins(f: int, hidden: int, out: int) -> tuple[nn.Module, nn.Module | None]:
+    return _mlp([f, hidden, hidden, out], bn=True), None
+
+
+# name -> (feature dim, hidden, out) -> (projector, predictor or None). SwAV's projector is
+# SimCLR's; its prototypes are built by SSLModel (they need the prototype count).
 HEADS: dict[str, Callable[[int, int, int], tuple[nn.Module, nn.Module | None]]] = {
     "simclr": _simclr,
     "moco_v2": _moco_v2,
     "moco_v3": _moco_v3,
+    "byol": _byol,
+    "byol_nopred": _byol_nopred,
+    "barlow_twins": _barlow_twins,
+    "swav": _simclr,
 }
 
 
@@ -146,6 +167,7 @@ class SSLModel(nn.Module):
         cifar_stem: see :func:`build_backbone`.
         image_size: side of the training / evaluation crops.
         mean, std: normalisation of uint8 images (applied on the device by the task).
+        prototypes: SwAV's number of prototypes ``K`` (``head="swav"`` only; 0 otherwise).
     """
 
     def __init__(
@@ -159,10 +181,16 @@ class SSLModel(nn.Module):
         image_size: int = 32,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        prototypes: int = 0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown ssl.head '{head}'; valid: {', '.join(HEADS)}")
+        if (head == "swav") != (prototypes > 0):
+            raise ValueError(
+                f"ssl.prototypes={prototypes}: the swav head needs prototypes >= 1, "
+                f"other heads none (ssl.head={head})"
+            )
         self.config = {
             "backbone": backbone,
             "head": head,
@@ -172,12 +200,16 @@ class SSLModel(nn.Module):
             "image_size": int(image_size),
             "mean": list(mean),
             "std": list(std),
+            "prototypes": int(prototypes),
         }
         self.backbone, self.feature_dim = build_backbone(backbone, cifar_stem=cifar_stem)
         fixed = getattr(self.backbone, "image_size", None)
         if fixed is not None and fixed != image_size:
             raise ValueError(f"ssl.image_size={image_size}, but {backbone} takes {fixed} px images")
         self.projector, self.predictor = HEADS[head](self.feature_dim, proj_hidden, proj_dim)
+        # SwAV's prototypes: rows kept at unit norm by normalize_prototypes_ (after each step).
+        self.prototypes = nn.Linear(proj_dim, prototypes, bias=False) if prototypes else None
+        self.normalize_prototypes_()
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -195,12 +227,35 @@ class SSLModel(nn.Module):
         """Projections ``(B, P)`` before normalisation (the momentum teacher's output too)."""
         return self.projector(self.backbone(image))
 
-    def forward(self, image: torch.Tensor, predict: bool = False) -> torch.Tensor:
-        """L2-normalised projection ``(B, P)``; through the predictor when ``predict``."""
+    def forward(
+        self,
+        image: torch.Tensor,
+        predict: bool = False,
+        normalize: bool = True,
+        scores: bool = False,
+    ) -> torch.Tensor:
+        """The projection ``(B, P)`` of normalised images ``(B, 3, S, S)``.
+
+        Args:
+            predict: through the predictor (BYOL, MoCo v3) when the head has one.
+            normalize: L2-normalise the output (Barlow Twins standardises raw projections).
+            scores: SwAV: the unit projection's cosine similarity to each prototype ``(B, K)``.
+        """
         z = self.project(image)
         if predict and self.predictor is not None:
             z = self.predictor(z)
-        return F.normalize(z, dim=-1)
+        if scores:
+            if self.prototypes is None:
+                raise ValueError(f"ssl.head={self.config['head']} has no prototypes")
+            return self.prototypes(F.normalize(z, dim=-1))  # (B, K), prototypes unit-norm
+        return F.normalize(z, dim=-1) if normalize else z
+
+    @torch.no_grad()
+    def normalize_prototypes_(self) -> None:
+        """Project the prototypes back to the unit sphere (SwAV, before every step's forward)."""
+        if self.prototypes is not None:
+            w = self.prototypes.weight  # (K, P)
+            w.copy_(F.normalize(w, dim=-1))
 
     @property
     def preprocess_eval(self) -> Any:
@@ -253,6 +308,7 @@ def load_ssl_model(path: str | Path) -> SSLModel:
         image_size=cfg["image_size"],
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
+        prototypes=int(cfg.get("prototypes", 0)),  # exports before SwAV have no key
     )
     try:
         model.load_state_dict(load_file(str(p / SSL_WEIGHTS)))

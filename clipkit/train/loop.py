@@ -242,6 +242,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 )
             continue
         nonfinite = 0
+        task.before_update(unwrapped, step)
         grad_norm = None
         if cfg.optim.grad_clip > 0:
             grad_norm = accelerator.clip_grad_norm_(

@@ -1,6 +1,6 @@
-"""Image self-supervision tasks on the one loop: SimCLR and MoCo.
+"""Image self-supervision tasks on the one loop: SimCLR, MoCo, BYOL, Barlow Twins, SwAV.
 
-Both read image-only data as V >= 2 augmented uint8 views per image (:mod:`clipkit.data.views`),
+All read image-only data as V >= 2 augmented uint8 views per image (:mod:`clipkit.data.views`),
 normalised on the device, and train an :class:`~clipkit.models.ssl.SSLModel` (backbone +
 projection head) with a loss from the one registry (``loss.name``):
 
@@ -12,6 +12,15 @@ projection head) with a loss from the one registry (``loss.name``):
   symmetrised (each view is a query once), as lightly's and MoCo's own CIFAR-10 recipes do.
   ``ssl.moco_version=3`` (Chen, Xie, He 2021): a predictor on the student, in-batch keys of
   every rank as negatives, no queue (``loss.name=moco_v3``).
+* ``task=byol`` (Grill et al. 2020): the student's predictions regress the momentum teacher's
+  projections of the other view (``loss.name=byol``); no negatives.
+* ``task=barlow_twins`` (Zbontar et al. 2021): the two views' raw projections' cross-correlation
+  over the global batch is pushed to the identity (``loss.name=barlow_twins``).
+* ``task=swav`` (Caron et al. 2020): prototype scores predict the other views' Sinkhorn codes
+  (``loss.name=swav``); prototypes frozen for the first steps, unit-norm after each.
+
+Every task logs the spread of its projections (``train/proj_spread``) and warns once when it
+falls below ``ssl.collapse_threshold`` (the collapse guard).
 
 Evaluation is the weighted kNN of :mod:`clipkit.eval` on backbone features (``eval.knn`` with
 ``eval.knn_train``); export is the student's ``ssl_config.json`` + weights (plus the teacher).
@@ -34,6 +43,9 @@ DEFAULTS = {
     "simclr": ("simclr", "simclr", ("nt_xent",)),
     "moco": ("moco_v2", "moco_v2", ("moco",)),
     "moco_v3": ("moco_v3", "byol", ("moco_v3",)),  # v3 uses BYOL's asymmetric augmentations
+    "byol": ("byol", "byol", ("byol",)),
+    "barlow_twins": ("barlow_twins", "byol", ("barlow_twins",)),  # BYOL's views (paper, App.)
+    "swav": ("swav", "swav", ("swav",)),
 }
 
 
@@ -42,7 +54,8 @@ def _unwrap(model: nn.Module) -> SSLModel:
 
 
 class _ImageSSLTask(Task):
-    """What SimCLR and MoCo share: the model, the views, normalisation, kNN, export."""
+    """What every image-SSL task shares: the model, the views, normalisation, the collapse
+    guard, kNN, export."""
 
     name = ""
 
@@ -62,15 +75,22 @@ class _ImageSSLTask(Task):
         from clipkit.data import DeviceNormalize
 
         s = cfg.ssl
+        head = self.head(cfg)
+        if head == "swav" and s.prototypes < 1:
+            raise ValueError(f"ssl.prototypes={s.prototypes}: SwAV needs >= 1 (paper: 3000)")
         model = SSLModel(
             s.backbone,
-            self.head(cfg),
+            head,
             s.proj_hidden,
             s.proj_dim,
             cifar_stem=s.cifar_stem,
             image_size=s.image_size,
+            prototypes=s.prototypes if head == "swav" else 0,
         )
         self._normalize = DeviceNormalize(model.mean, model.std)
+        self._collapse_threshold = s.collapse_threshold
+        self._spread: torch.Tensor | None = None
+        self._collapsed = False
         return model
 
     def check_inputs(self, cfg: Config, model: nn.Module) -> None:
@@ -122,6 +142,42 @@ class _ImageSSLTask(Task):
         """None: the loss module's fixed temperature (``loss.temperature``)."""
         return None
 
+    # --------------------------------------------------------------- collapse guard
+    def watch(self, z: torch.Tensor) -> torch.Tensor:
+        """Remember the spread of projections ``z (B, P)`` for the collapse guard; returns z.
+
+        Spread = mean over dimensions of the batch std of the L2-normalised rows, times
+        ``sqrt(P)``: about 1 for rows spread uniformly on the sphere, 0 when every image maps
+        to the same point (complete collapse) -- the measure lightly and solo-learn log.
+        """
+        with torch.no_grad():
+            u = torch.nn.functional.normalize(z.detach().float(), dim=-1)  # (B, P)
+            self._spread = u.std(dim=0).mean() * u.shape[1] ** 0.5
+        return z
+
+    def collapse_logs(self, step: int) -> dict[str, float]:
+        """``{"proj_spread": value}`` and one warning line when it falls below
+        ``ssl.collapse_threshold`` (again only after it has recovered)."""
+        if self._spread is None:
+            return {}
+        spread = float(self._spread)
+        low = spread < self._collapse_threshold
+        if low and not self._collapsed:
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                print(
+                    f"warning: step {step}: representation collapse? projection spread "
+                    f"{spread:.4f} < ssl.collapse_threshold={self._collapse_threshold:g} "
+                    "(std of normalised projections x sqrt(dim); 1 = spread, 0 = collapsed)",
+                    flush=True,
+                )
+        self._collapsed = low
+        return {"proj_spread": spread}
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        return self.collapse_logs(step)
+
     # --------------------------------------------------------------- evaluation, export
     def evaluate(
         self, cfg: Config, model: nn.Module, accelerator: Any, step: int
@@ -143,10 +199,42 @@ class SimCLRTask(_ImageSSLTask):
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         x1, x2 = self._pair(batch)
         # Each view through its own forward (BN statistics per view, as the reference recipes).
-        return Embeddings(q=model(x1), k=model(x2))  # (B, P) each, L2-normalised
+        return Embeddings(q=self.watch(model(x1)), k=model(x2))  # (B, P) each, L2-normalised
 
 
-class MoCoTask(_ImageSSLTask):
+class _MomentumTask(_ImageSSLTask):
+    """A task with a momentum teacher (MoCo, BYOL): an EMA copy of the student, made before
+    DDP wraps it, moved, checkpointed and exported by the loop, updated after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher: nn.Module | None = None
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        """The student, and its momentum teacher (``ssl.momentum`` -> ``ssl.momentum_final``)."""
+        from clipkit.losses.teacher import MomentumTeacher
+
+        student = super().build_model(cfg)
+        self.teacher = MomentumTeacher(student, cfg.ssl.momentum, cfg.ssl.momentum_final)
+        return student
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher} if self.teacher is not None else {}
+
+    def targets(self, model: nn.Module, *views: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's projections of ``views``, in the student's mode (BN on batch
+        statistics while training)."""
+        assert self.teacher is not None, "build_model first"
+        self.teacher.train(model.training)
+        return [self.teacher(x) for x in views]
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        assert self.teacher is not None
+        logs = {"teacher_momentum": self.teacher.update(model, step, total_steps)}
+        return {**logs, **super().after_step(model, step, total_steps)}
+
+
+class MoCoTask(_MomentumTask):
     """MoCo v2 (student queries, momentum-teacher keys, a queue of past keys as negatives) or
     v3 (``ssl.moco_version=3``: queries through a predictor, in-batch keys of every rank as
     negatives, no queue; ``loss.name=moco_v3``)."""
@@ -158,19 +246,14 @@ class MoCoTask(_ImageSSLTask):
 
     def __init__(self) -> None:
         super().__init__()
-        self.teacher: nn.Module | None = None
         self.version = 2
 
     def build_model(self, cfg: Config) -> nn.Module:
-        """The student, and its momentum teacher (a copy made before DDP wraps the student)."""
-        from clipkit.losses.teacher import MomentumTeacher
-
+        """The student and its momentum teacher."""
         if cfg.ssl.moco_version not in (2, 3):
             raise ValueError(f"ssl.moco_version={cfg.ssl.moco_version}; valid: 2, 3")
         self.version = cfg.ssl.moco_version
-        student = super().build_model(cfg)
-        self.teacher = MomentumTeacher(student, cfg.ssl.momentum, cfg.ssl.momentum_final)
-        return student
+        return super().build_model(cfg)
 
     def check_inputs(self, cfg: Config, model: nn.Module) -> None:
         """As every SSL task, plus a queue that holds whole steps of keys (checked now, not at
@@ -191,26 +274,81 @@ class MoCoTask(_ImageSSLTask):
             cfg.loss.queue_size, 2 * cfg.train.batch_size * cfg.train.accum_steps * world
         )
 
-    def extra_modules(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher} if self.teacher is not None else {}
-
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
-        assert self.teacher is not None, "build_model first"
         x1, x2 = self._pair(batch)
-        # The teacher runs in the student's mode (BN on batch statistics while training).
-        self.teacher.train(model.training)
+        k1, k2 = self.targets(model, x1, x2)  # (B, P) each
         if self.version == 3:
             # Rows interleaved per image (view 1, view 2) so micro-batches concatenate safely.
             q = torch.stack([model(x1, predict=True), model(x2, predict=True)], 1)  # (B, 2, P)
-            k = torch.stack([self.teacher(x1), self.teacher(x2)], 1)  # (B, 2, P)
-            return Embeddings(q=q.flatten(0, 1), k=k.flatten(0, 1))  # (2B, P) each
+            k = torch.stack([k1, k2], 1)  # (B, 2, P)
+            return Embeddings(q=self.watch(q.flatten(0, 1)), k=k.flatten(0, 1))  # (2B, P) each
         q = torch.cat([model(x1), model(x2)])  # (2B, P) student queries
-        k = torch.cat([self.teacher(x2), self.teacher(x1)])  # (2B, P) keys: each view's pair
-        return Embeddings(q=q, k=k)
+        return Embeddings(q=self.watch(q), k=torch.cat([k2, k1]))  # keys: each view's pair
+
+
+class BYOLTask(_MomentumTask):
+    """BYOL (Grill et al. 2020): the student's predictions regress the momentum teacher's
+    projections of the other view (``loss.name=byol``: negative cosine similarity), symmetrised
+    over the two views; no negatives. The teacher's momentum rises from ``ssl.momentum`` (0.99)
+    to 1 on a cosine schedule; views are BYOL's asymmetric pair (``ssl.recipe=byol``)."""
+
+    name = "byol"
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
+        x1, x2 = self._pair(batch)
+        t1, t2 = self.targets(model, x1, x2)  # (B, P) each, no gradient
+        p = torch.cat([model(x1, predict=True), model(x2, predict=True)])  # (2B, P)
+        # Each prediction regresses the other view's target; the guard watches the predictions
+        # (the projections themselves with ssl.head=byol_nopred, the collapsing ablation).
+        return Embeddings(q=self.watch(p), k=torch.cat([t2, t1]))
+
+
+class BarlowTwinsTask(_ImageSSLTask):
+    """Barlow Twins (Zbontar et al. 2021): the cross-correlation of the two views' raw
+    projections, standardised over the global batch, is pushed to the identity
+    (``loss.name=barlow_twins``); a wide projector (``ssl.proj_hidden = ssl.proj_dim``)."""
+
+    name = "barlow_twins"
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
+        x1, x2 = self._pair(batch)
+        z1 = model(x1, normalize=False)  # (B, P) raw: the loss standardises over the batch
+        return Embeddings(q=self.watch(z1), k=model(x2, normalize=False))
+
+
+class SwAVTask(_ImageSSLTask):
+    """SwAV (Caron et al. 2020): each view's prototype scores predict the Sinkhorn codes of the
+    other high-resolution views (``loss.name=swav``). Views 1-2 are the high-resolution crops;
+    further views (``ssl.views > 2``) enter the loss as extra crops that are predicted but give
+    no codes (``extra["low_res"]``). The prototypes are unit-norm after every step and frozen
+    for the first ``ssl.freeze_prototypes_steps`` steps."""
+
+    name = "swav"
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        self._freeze_steps = cfg.ssl.freeze_prototypes_steps
+        return super().build_model(cfg)
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
+        views = self._normalize(batch["views"])  # (V, B, 3, S, S) from uint8
+        s1 = model(views[0], scores=True)  # (B, K)
+        s2 = model(views[1], scores=True)  # (B, K)
+        # The guard watches the scores: the projections collapse iff their scores do.
+        out = Embeddings(q=self.watch(s1), k=s2)
+        if views.shape[0] > 2:
+            low = torch.stack([model(v, scores=True) for v in views[2:]], 1)  # (B, V-2, K)
+            out.extra["low_res"] = low
+        return out
+
+    def before_update(self, model: nn.Module, step: int) -> None:
+        """Drop the prototypes' gradients while they are frozen (no update, no weight decay)."""
+        proto = _unwrap(model).prototypes
+        if proto is not None and step < self._freeze_steps:
+            proto.weight.grad = None
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
-        assert self.teacher is not None
-        return {"teacher_momentum": self.teacher.update(model, step, total_steps)}
+        _unwrap(model).normalize_prototypes_()
+        return super().after_step(model, step, total_steps)
 
 
-__all__ = ["MoCoTask", "SimCLRTask"]
+__all__ = ["BYOLTask", "BarlowTwinsTask", "MoCoTask", "SimCLRTask", "SwAVTask"]

@@ -21,10 +21,11 @@ from clipkit.config.schema import Config
 class Embeddings:
     """What :meth:`Task.embed` returns for one micro-batch: the loss's inputs, one shape.
 
-    ``q`` and ``k`` are L2-normalised ``(B, D)`` rows where ``q[i]`` and ``k[i]`` are a positive
-    pair. ``logit_scale`` / ``logit_bias`` come out of the model's forward (so DDP all-reduces
-    their gradients with the towers'); ``logit_scale=None`` means the loss module's own
-    temperature is used.
+    ``q`` and ``k`` are ``(B, D)`` rows where ``q[i]`` and ``k[i]`` are a positive pair
+    (L2-normalised, except where the loss defines its own normalisation: Barlow Twins'
+    projections, SwAV's prototype scores). ``logit_scale`` / ``logit_bias`` come out of the
+    model's forward (so DDP all-reduces their gradients with the towers');
+    ``logit_scale=None`` means the loss module's own temperature is used.
 
     ``extra`` holds further named inputs of the loss whose first dimension is the micro-batch's
     rows (e.g. SLIP's two image views ``(B, P)`` each, SwAV's small crops ``(B, V, K)``): GradCache
@@ -98,6 +99,11 @@ class Task(Protocol):
         are not wrapped by DDP. Default: none."""
         return {}
 
+    def before_update(self, model: nn.Module, step: int) -> None:
+        """Called after the step's gradients are in ``.grad`` (all ranks) and before clipping
+        and the optimiser update, with the unwrapped model and the 0-based step being taken
+        (e.g. SwAV drops its prototypes' gradients for the first steps). Default: nothing."""
+
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
         """Called after each optimiser step with the unwrapped model (e.g. the teacher's EMA
         update); returns scalars to log. Default: nothing."""
@@ -128,12 +134,33 @@ def _moco() -> Task:
     return MoCoTask()
 
 
+def _byol() -> Task:
+    from clipkit.train.ssl_task import BYOLTask
+
+    return BYOLTask()
+
+
+def _barlow_twins() -> Task:
+    from clipkit.train.ssl_task import BarlowTwinsTask
+
+    return BarlowTwinsTask()
+
+
+def _swav() -> Task:
+    from clipkit.train.ssl_task import SwAVTask
+
+    return SwAVTask()
+
+
 # Name -> factory; factories import lazily so a task's heavy dependencies load only when used.
 TASKS: dict[str, Callable[[], Task]] = {
     "clip": _clip,
     "simcse": _simcse,
     "simclr": _simclr,
     "moco": _moco,
+    "byol": _byol,
+    "barlow_twins": _barlow_twins,
+    "swav": _swav,
 }
 
 

@@ -17,13 +17,36 @@ def test_cifar_stem_keeps_resolution_and_drops_the_classifier():
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_heads_give_unit_projections(head):
     torch.manual_seed(0)
-    m = SSLModel("resnet18", head, proj_hidden=64, proj_dim=16).eval()
+    k = 10 if head == "swav" else 0
+    m = SSLModel("resnet18", head, proj_hidden=64, proj_dim=16, prototypes=k).eval()
     x = torch.randn(3, 3, 32, 32)
     z = m(x)
     assert z.shape == (3, 16)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
     assert m.encode_image(x).shape == (3, 512)
-    assert (m.predictor is not None) == (head == "moco_v3")
+    assert (m.predictor is not None) == (head in ("moco_v3", "byol"))
+    raw = m(x, normalize=False)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), z)
+    if head == "swav":
+        # Scores are cosines to unit-norm prototypes: |s| <= 1, and they equal z @ W^T.
+        s = m(x, scores=True)  # (3, K)
+        assert s.shape == (3, k)
+        torch.testing.assert_close(m.prototypes.weight.norm(dim=-1), torch.ones(k))
+        torch.testing.assert_close(s, z @ m.prototypes.weight.T)
+
+
+def test_swav_prototypes_are_renormalised_and_exported(tmp_path):
+    from clipkit.models.ssl import load_ssl_model
+
+    m = SSLModel("timm:resnet10t", "swav", 32, 8, prototypes=6)
+    with torch.no_grad():
+        m.prototypes.weight.mul_(3.0)
+    m.normalize_prototypes_()
+    torch.testing.assert_close(m.prototypes.weight.norm(dim=-1), torch.ones(6))
+    back = load_ssl_model(m.export(tmp_path / "swav"))
+    assert back.prototypes.weight.shape == (6, 8)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back.eval()(x, scores=True), m.eval()(x, scores=True))
 
 
 def test_timm_and_open_clip_backbones():
@@ -36,7 +59,9 @@ def test_timm_and_open_clip_backbones():
     "kwargs, needle",
     [
         ({"backbone": "vgg11"}, "unknown ssl.backbone 'vgg11'"),
-        ({"head": "swav"}, "unknown ssl.head 'swav'"),
+        ({"head": "dino"}, "unknown ssl.head 'dino'"),
+        ({"head": "swav"}, "the swav head needs prototypes >= 1"),
+        ({"head": "simclr", "prototypes": 5}, "other heads none"),
         ({"backbone": "timm:no_such_net"}, "ssl.backbone=timm:no_such_net"),
         ({"backbone": "open_clip:clipkit-tiny", "image_size": 32}, "takes 64 px"),
     ],
