@@ -77,6 +77,8 @@ class LossConfig:
     # ssl.proj_dim, ssl.views (2) and ssl.recipe; the other ssl.* keys are not read. 0 = CLIP.
     ssl_weight: float = 0.0
     ssl_temperature: float = 0.1
+    # Barlow Twins (Zbontar et al. 2021): weight of the off-diagonal (redundancy) term.
+    barlow_lambda: float = 5e-3
 
 
 @dataclass

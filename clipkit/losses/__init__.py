@@ -1,18 +1,21 @@
 """Contrastive losses: exact, tiled (no ``N x N`` matrix), distributed-exact.
 
 Pure functions :func:`info_nce`, :func:`siglip_loss`, :func:`nt_xent` (SimCLR),
-:func:`moco_loss` and :func:`moco_v3_loss`; modules holding the temperature, the all-gather and
-the negatives queue, built by name with :func:`build_loss`.
+:func:`moco_loss`, :func:`moco_v3_loss` and :func:`barlow_twins_loss`; modules holding the
+temperature, the all-gather and the negatives queue, built by name with :func:`build_loss`.
 """
 
+from clipkit.losses.barlow_twins import barlow_twins_loss
 from clipkit.losses.infonce import info_nce, info_nce_sharded
 from clipkit.losses.moco import moco_loss, moco_v3_loss
 from clipkit.losses.module import (
     LOSSES,
+    BarlowTwinsLoss,
     ContrastiveLoss,
     InfoNCELoss,
     MoCoLoss,
     MoCoV3Loss,
+    NonContrastiveLoss,
     NTXentLoss,
     SigLIPLoss,
     build_loss,
@@ -23,13 +26,16 @@ from clipkit.losses.siglip import siglip_loss, siglip_sharded
 
 __all__ = [
     "LOSSES",
+    "BarlowTwinsLoss",
     "ContrastiveLoss",
     "InfoNCELoss",
     "MoCoLoss",
     "MoCoV3Loss",
     "NTXentLoss",
     "NegativeQueue",
+    "NonContrastiveLoss",
     "SigLIPLoss",
+    "barlow_twins_loss",
     "build_loss",
     "info_nce",
     "info_nce_sharded",

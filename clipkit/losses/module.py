@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.config.schema import LossConfig
+from clipkit.losses.barlow_twins import barlow_twins_loss
 from clipkit.losses.dist import all_gather_with_grad, average_grad, gather_sizes, world
 from clipkit.losses.infonce import check_pair, info_nce, info_nce_sharded
 from clipkit.losses.moco import check_queue_size, moco_rows
@@ -439,6 +440,8 @@ LOSSES = {
     "nt_xent": lambda cfg: _temperature_loss(NTXentLoss, cfg),
     "moco_v3": lambda cfg: _temperature_loss(MoCoV3Loss, cfg),
     "moco": lambda cfg: _temperature_loss(MoCoLoss, cfg),
+    # Issue 14's losses hold no temperature to learn; their classes end this file.
+    "barlow_twins": lambda cfg: BarlowTwinsLoss.from_config(cfg),
 }
 
 
@@ -453,3 +456,109 @@ def build_loss(cfg: LossConfig) -> ContrastiveLoss:
     if cfg.name != "infonce" and cfg.label_smoothing:
         raise ValueError(f"loss.label_smoothing applies to infonce only (loss.name={cfg.name})")
     return LOSSES[cfg.name](cfg)
+
+
+# --------------------------------------------- issue 14: losses without a temperature to learn
+class NonContrastiveLoss(nn.Module):
+    """Base of Barlow Twins, BYOL and SwAV: no learnable scale, no negatives.
+
+    The loop's per-step :meth:`clamp_` is a no-op; the contrastive inputs (hard negatives, the
+    model's logit scale and bias) and ``extra`` tensors the loss does not read are errors.
+    Distributed: the row-separable losses (BYOL, SwAV) return ``W / N_global`` x the sum of
+    their own rows, as the module docstring says; Barlow Twins returns the global loss itself
+    (see :class:`BarlowTwinsLoss`).
+    """
+
+    name = ""
+    extra_names: frozenset[str] = frozenset()
+
+    def clamp_(self) -> None:
+        """Nothing to clamp (the loop calls this on every loss after each optimiser step)."""
+
+    def _inputs(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        hard_negatives: torch.Tensor | None,
+        logit_scale: torch.Tensor | None,
+        logit_bias: torch.Tensor | None,
+        extra: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Check what the loop passes; returns ``extra`` as a dict (empty when None)."""
+        unused = {"hard negatives": hard_negatives, "logit_scale": logit_scale}
+        unused["logit_bias"] = logit_bias
+        for what, t in unused.items():
+            if t is not None:
+                raise ValueError(f"loss.name={self.name} takes no {what}")
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - self.extra_names)
+        if unknown:
+            valid = ", ".join(sorted(self.extra_names)) or "none"
+            raise ValueError(
+                f"loss.name={self.name}: unknown extra inputs {unknown}; valid: {valid}"
+            )
+        check_pair(q, k, {})
+        return extra
+
+    @staticmethod
+    def _no_queue(cfg: LossConfig) -> None:
+        if cfg.queue_size:
+            raise ValueError(f"loss.queue_size applies to infonce, siglip and moco, not {cfg.name}")
+
+
+class BarlowTwinsLoss(NonContrastiveLoss):
+    """Barlow Twins (:func:`clipkit.losses.barlow_twins_loss`) over the global batch.
+
+    ``forward(q, k)`` takes the two views' *raw* projections ``(n, D)`` (the loss standardises
+    them; L2-normalised rows would change its value). The loss is not row-separable: the batch
+    mean and variance and the ``D x D`` cross-correlation are taken over the whole global batch,
+    never per process. With ``W > 1`` processes both views of every rank are gathered with
+    gradient (one all-gather of ``[q, k]``, ranks may hold different ``n``) and *every rank
+    returns the full global loss* ``L``. Why that is exact (:mod:`clipkit.losses.dist`): the
+    gather's backward sums over ranks what each rank's loss sends to a shard; all ``W`` ranks
+    send the same ``dL/dz``, so each shard receives ``W dL/dz_shard``, and DDP's average over
+    ``W`` ranks leaves exactly the one-process gradient (``W`` copies x ``1/W``); the mean of
+    the ranks' values is ``L``. Each rank builds the ``D x D`` matrix of the whole batch.
+
+    Args:
+        lambd: weight of the off-diagonal (redundancy-reduction) term (paper: 5e-3).
+
+    Raises:
+        ValueError: a negative or non-finite ``lambd``.
+    """
+
+    name = "barlow_twins"
+
+    def __init__(self, lambd: float = 5e-3) -> None:
+        super().__init__()
+        if not (lambd >= 0 and math.isfinite(lambd)):
+            raise ValueError(f"loss.barlow_lambda must be finite and >= 0, got {lambd}")
+        self.lambd = float(lambd)
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> BarlowTwinsLoss:
+        """``loss.barlow_lambda``; no queue."""
+        cls._no_queue(cfg)
+        return cls(cfg.barlow_lambda)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Global-batch Barlow Twins loss of views ``q (n, D)`` and ``k (n, D)``.
+
+        Raises:
+            ValueError: shapes, a global batch of fewer than 2 rows, contrastive inputs.
+        """
+        self._inputs(q, k, hard_negatives, logit_scale, logit_bias, extra)
+        if world()[1] > 1:
+            d = q.shape[1]
+            both, _ = all_gather_with_grad(torch.cat([q, k.to(q.dtype)], 1))  # (N, 2D)
+            q, k = both[:, :d], both[:, d:]  # (N, D) each, every rank's rows in rank order
+        return barlow_twins_loss(q, k, self.lambd)
