@@ -1,16 +1,19 @@
 """Contrastive losses: exact, tiled (no ``N x N`` matrix), distributed-exact.
 
 Pure functions :func:`info_nce`, :func:`siglip_loss`, :func:`nt_xent` (SimCLR),
-:func:`moco_loss`, :func:`moco_v3_loss` and :func:`barlow_twins_loss`; modules holding the
-temperature, the all-gather and the negatives queue, built by name with :func:`build_loss`.
+:func:`moco_loss`, :func:`moco_v3_loss`, :func:`barlow_twins_loss` and :func:`negative_cosine`
+(BYOL); modules holding the temperature, the all-gather and the negatives queue, built by name
+with :func:`build_loss`.
 """
 
 from clipkit.losses.barlow_twins import barlow_twins_loss
+from clipkit.losses.byol import negative_cosine
 from clipkit.losses.infonce import info_nce, info_nce_sharded
 from clipkit.losses.moco import moco_loss, moco_v3_loss
 from clipkit.losses.module import (
     LOSSES,
     BarlowTwinsLoss,
+    BYOLLoss,
     ContrastiveLoss,
     InfoNCELoss,
     MoCoLoss,
@@ -26,6 +29,7 @@ from clipkit.losses.siglip import siglip_loss, siglip_sharded
 
 __all__ = [
     "LOSSES",
+    "BYOLLoss",
     "BarlowTwinsLoss",
     "ContrastiveLoss",
     "InfoNCELoss",
@@ -41,6 +45,7 @@ __all__ = [
     "info_nce_sharded",
     "moco_loss",
     "moco_v3_loss",
+    "negative_cosine",
     "nt_xent",
     "nt_xent_sharded",
     "siglip_loss",

@@ -18,6 +18,7 @@ from torch import nn
 
 from clipkit.config.schema import LossConfig
 from clipkit.losses.barlow_twins import barlow_twins_loss
+from clipkit.losses.byol import negative_cosine_rows
 from clipkit.losses.dist import all_gather_with_grad, average_grad, gather_sizes, world
 from clipkit.losses.infonce import check_pair, info_nce, info_nce_sharded
 from clipkit.losses.moco import check_queue_size, moco_rows
@@ -442,6 +443,7 @@ LOSSES = {
     "moco": lambda cfg: _temperature_loss(MoCoLoss, cfg),
     # Issue 14's losses hold no temperature to learn; their classes end this file.
     "barlow_twins": lambda cfg: BarlowTwinsLoss.from_config(cfg),
+    "byol": lambda cfg: BYOLLoss.from_config(cfg),
 }
 
 
@@ -506,6 +508,15 @@ class NonContrastiveLoss(nn.Module):
             raise ValueError(f"loss.queue_size applies to infonce, siglip and moco, not {cfg.name}")
 
 
+def _rank_share(rows: torch.Tensor) -> torch.Tensor:
+    """Mean of a row-separable loss's rows ``(n,)``; with ``W`` processes ``W / N_global`` x their
+    sum (the module docstring's normalisation: exact after the gather's sum and DDP's mean)."""
+    _, w = world()
+    if w == 1:
+        return rows.mean()
+    return rows.sum() * (w / sum(gather_sizes(rows.shape[0], rows.device)))
+
+
 class BarlowTwinsLoss(NonContrastiveLoss):
     """Barlow Twins (:func:`clipkit.losses.barlow_twins_loss`) over the global batch.
 
@@ -562,3 +573,34 @@ class BarlowTwinsLoss(NonContrastiveLoss):
             both, _ = all_gather_with_grad(torch.cat([q, k.to(q.dtype)], 1))  # (N, 2D)
             q, k = both[:, :d], both[:, d:]  # (N, D) each, every rank's rows in rank order
         return barlow_twins_loss(q, k, self.lambd)
+
+
+class BYOLLoss(NonContrastiveLoss):
+    """BYOL's loss as lightly's BYOL example uses it (:func:`clipkit.losses.negative_cosine`).
+
+    ``forward(q, k)``: the online network's predictions ``q (n, D)`` and the targets
+    ``k (n, D)``, detached by the task (the teacher runs without gradient); the task symmetrises
+    by concatenating both directions' rows. Row-separable: no gather, only the row counts.
+    """
+
+    name = "byol"
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> BYOLLoss:
+        """No settings; no queue."""
+        cls._no_queue(cfg)
+        return cls()
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``-mean cos(q_i, k_i)``; ``W / N_global`` x the local sum with ``W`` processes."""
+        self._inputs(q, k, hard_negatives, logit_scale, logit_bias, extra)
+        return _rank_share(negative_cosine_rows(q, k))
