@@ -79,6 +79,10 @@ class LossConfig:
     ssl_temperature: float = 0.1
     # Barlow Twins (Zbontar et al. 2021): weight of the off-diagonal (redundancy) term.
     barlow_lambda: float = 5e-3
+    # SwAV (Caron et al. 2020): Sinkhorn-Knopp codes' entropy epsilon and iterations; the
+    # predictions' softmax temperature is loss.temperature (SwAV: 0.1, learnable_temperature off).
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
 
 
 @dataclass

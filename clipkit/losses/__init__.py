@@ -1,9 +1,9 @@
 """Contrastive losses: exact, tiled (no ``N x N`` matrix), distributed-exact.
 
 Pure functions :func:`info_nce`, :func:`siglip_loss`, :func:`nt_xent` (SimCLR),
-:func:`moco_loss`, :func:`moco_v3_loss`, :func:`barlow_twins_loss` and :func:`negative_cosine`
-(BYOL); modules holding the temperature, the all-gather and the negatives queue, built by name
-with :func:`build_loss`.
+:func:`moco_loss`, :func:`moco_v3_loss`, :func:`barlow_twins_loss`, :func:`negative_cosine`
+(BYOL) and :func:`swav_loss`; modules holding the temperature, the all-gather and
+the negatives queue, built by name with :func:`build_loss`.
 """
 
 from clipkit.losses.barlow_twins import barlow_twins_loss
@@ -21,11 +21,13 @@ from clipkit.losses.module import (
     NonContrastiveLoss,
     NTXentLoss,
     SigLIPLoss,
+    SwAVLoss,
     build_loss,
 )
 from clipkit.losses.ntxent import nt_xent, nt_xent_sharded
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
+from clipkit.losses.swav import sinkhorn_codes, swav_loss
 
 __all__ = [
     "LOSSES",
@@ -39,6 +41,7 @@ __all__ = [
     "NegativeQueue",
     "NonContrastiveLoss",
     "SigLIPLoss",
+    "SwAVLoss",
     "barlow_twins_loss",
     "build_loss",
     "info_nce",
@@ -50,4 +53,6 @@ __all__ = [
     "nt_xent_sharded",
     "siglip_loss",
     "siglip_sharded",
+    "sinkhorn_codes",
+    "swav_loss",
 ]

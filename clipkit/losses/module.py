@@ -25,6 +25,7 @@ from clipkit.losses.moco import check_queue_size, moco_rows
 from clipkit.losses.ntxent import nt_xent_scaled, nt_xent_sharded, unit
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
+from clipkit.losses.swav import Crops, check_swav_options, swav_rows
 
 
 class ContrastiveLoss(nn.Module):
@@ -444,6 +445,7 @@ LOSSES = {
     # Issue 14's losses hold no temperature to learn; their classes end this file.
     "barlow_twins": lambda cfg: BarlowTwinsLoss.from_config(cfg),
     "byol": lambda cfg: BYOLLoss.from_config(cfg),
+    "swav": lambda cfg: SwAVLoss.from_config(cfg),
 }
 
 
@@ -604,3 +606,100 @@ class BYOLLoss(NonContrastiveLoss):
         """``-mean cos(q_i, k_i)``; ``W / N_global`` x the local sum with ``W`` processes."""
         self._inputs(q, k, hard_negatives, logit_scale, logit_bias, extra)
         return _rank_share(negative_cosine_rows(q, k))
+
+
+class SwAVLoss(NonContrastiveLoss):
+    """SwAV's swapped prediction (:func:`clipkit.losses.swav_loss`), Sinkhorn over all ranks.
+
+    ``forward(q, k, extra={"low_res": ...})``: ``q``, ``k`` are the prototype scores ``(n, K)``
+    of the two high-resolution crops; ``extra["low_res"]`` (optional) the scores of the
+    low-resolution crops ``(n, V_lo, K)``, rows first so GradCache concatenates micro-batches.
+    The codes come from Sinkhorn-Knopp over every rank's rows (column sums all-reduced), so they
+    equal one process's codes of the global batch for any shard sizes; they carry no gradient.
+    The loss is then row-separable: ``W / N_global`` x the local rows' sum.
+
+    Queue (SwAV's option for small batches): the queued features and the prototypes are the
+    task's state, so the task scores its queue with the current prototypes and hands the
+    scores over with :meth:`set_queue_scores` before the step's loss; they join the Sinkhorn
+    rows of their crop (each rank its own queue, as the paper's code) and are used once.
+
+    Args:
+        temperature: softmax temperature of the predictions (SwAV: 0.1), fixed.
+        sinkhorn_epsilon: Sinkhorn entropy regularisation (SwAV: 0.05).
+        sinkhorn_iterations: Sinkhorn iterations (SwAV: 3).
+
+    Raises:
+        ValueError: non-positive temperature or epsilon, iterations < 1.
+    """
+
+    name = "swav"
+    extra_names = frozenset({"low_res"})
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        check_swav_options(temperature, sinkhorn_epsilon, sinkhorn_iterations)
+        self.temperature = float(temperature)
+        self.epsilon = float(sinkhorn_epsilon)
+        self.iterations = int(sinkhorn_iterations)
+        self._queue: Crops | None = None
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> SwAVLoss:
+        """``loss.temperature`` (fixed), ``loss.sinkhorn_epsilon``, ``loss.sinkhorn_iterations``."""
+        cls._no_queue(cfg)
+        if cfg.learnable_temperature:
+            raise ValueError(
+                "loss.name=swav has a fixed temperature (loss.temperature, SwAV: 0.1); "
+                "set loss.learnable_temperature=false"
+            )
+        return cls(
+            cfg.temperature,
+            sinkhorn_epsilon=cfg.sinkhorn_epsilon,
+            sinkhorn_iterations=cfg.sinkhorn_iterations,
+        )
+
+    def set_queue_scores(self, scores: Crops | None) -> None:
+        """Scores ``(2, Q, K)`` (or two ``(Q, K)``) of this rank's queued high-resolution
+        features under the current prototypes, for the next forward only (no gradient)."""
+        self._queue = None if scores is None else [s.detach() for s in scores]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        hard_negatives: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """SwAV loss of the high-resolution scores ``q``, ``k`` ``(n, K)`` and ``extra``'s
+        ``low_res`` ``(n, V_lo, K)``.
+
+        Raises:
+            ValueError: shapes, unknown extra inputs, contrastive inputs.
+        """
+        extra = self._inputs(q, k, hard_negatives, logit_scale, logit_bias, extra)
+        low = extra.get("low_res")
+        if low is not None and (low.dim() != 3 or low.shape[0] != q.shape[0]):
+            raise ValueError(
+                f"swav extra['low_res'] must be (n, V_lo, K) with n={q.shape[0]}, "
+                f"got {tuple(low.shape)}"
+            )
+        queue, self._queue = self._queue, None  # used once: never a stale step's queue
+        rows = swav_rows(
+            [q, k],
+            None if low is None else low.transpose(0, 1),  # (V_lo, n, K)
+            queue=queue,
+            temperature=self.temperature,
+            epsilon=self.epsilon,
+            iterations=self.iterations,
+            all_ranks=True,
+        )  # (n,)
+        return _rank_share(rows)

@@ -21,7 +21,7 @@ def _unit(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
 def test_registry_builds_by_name_and_lists_valid_names():
     assert isinstance(build_loss(LossConfig()), InfoNCELoss)
     assert isinstance(build_loss(LossConfig(name="siglip")), SigLIPLoss)
-    valid = "barlow_twins, byol, infonce, moco, moco_v3, nt_xent, siglip"
+    valid = "barlow_twins, byol, infonce, moco, moco_v3, nt_xent, siglip, swav"
     with pytest.raises(ValueError, match=f"valid: {valid}"):
         build_loss(LossConfig(name="ntxent"))
     with pytest.raises(ValueError, match="temperature"):
