@@ -1,0 +1,188 @@
+"""lightly 1.6's side of ``bench/ssl_train.py``: its CIFAR-10 SimCLR / MoCo v2 recipe, plain loop.
+
+One run per process (fresh, as clipkit's trainer is). What comes from lightly: the view
+transforms (``SimCLRTransform`` / ``MoCoV2Transform``), the projection heads, ``NTXentLoss``
+(with its memory bank for MoCo), ``update_momentum``, ``batch_shuffle`` / ``batch_unshuffle``
+and ``cosine_schedule``. The training step follows lightly's CIFAR-10 benchmark
+(docs/source/getting_started/benchmarks/cifar10_benchmark.py): SimCLR is NT-Xent over the two
+views; MoCo is symmetrised as two loss calls (queries of view 0 against keys of view 1, then the
+reverse), averaged, the momentum update before the forward passes. What is ours: the backbone
+(torchvision's ResNet-18 with the CIFAR stem, built exactly as ``clipkit.models.ssl`` builds it,
+so both sides train the same module), reading the CIFAR-10 ImageFolder tar through clipkit's
+input layer (``clipkit.data.sources``: records with tar offsets, decoded with PIL here), and
+the timing log.
+
+    python bench/_lightly_ssl_runner.py --method simclr --train ../shared/data/cifar10/train.tar \
+        --steps 3 --batch 32 --lr 0.015 --out /tmp/lightly_simclr
+
+Writes ``<out>/metrics.jsonl`` (``{"step", "loss", "lr", "samples_per_s", "data_wait_frac"}`` every
+``--log-every`` steps: samples over the wall time since the previous log line, data waits
+included, as clipkit's ``train/samples_per_s``) and ``<out>/backbone.pt`` (the backbone's
+state dict) for the kNN evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+def resnet18_cifar() -> nn.Module:
+    """torchvision ResNet-18, 3x3 stride-1 stem, no max-pool, no classifier: ``(B, 512)``."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class TarImages(torch.utils.data.Dataset):
+    """The images of an ImageFolder tar, each through ``transform`` (lightly's: 2 views)."""
+
+    def __init__(self, spec: str, transform) -> None:
+        from clipkit.data.sources import open_source
+
+        self.items = open_source(spec).items or []
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from clipkit.data.sources import image_bytes
+
+        rec = self.items[i]
+        img = Image.open(io.BytesIO(image_bytes(rec.image))).convert("RGB")
+        return self.transform(img), rec.label
+
+
+def build(method: str, steps: int):
+    """``(transform, student modules, step function)`` of lightly's CIFAR-10 recipe."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
+    from lightly.models.utils import (
+        batch_shuffle,
+        batch_unshuffle,
+        deactivate_requires_grad,
+        update_momentum,
+    )
+    from lightly.transforms import MoCoV2Transform, SimCLRTransform
+    from lightly.utils.scheduler import cosine_schedule
+
+    backbone = resnet18_cifar()
+    if method == "simclr":
+        # cj_strength 0.5 -> jitter (0.4, 0.4, 0.4, 0.1); no blur at 32 px (lightly's CIFAR-10).
+        transform = SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
+        head = SimCLRProjectionHead(512, 512, 128)
+        criterion = NTXentLoss(temperature=0.5)
+
+        def step(x0: torch.Tensor, x1: torch.Tensor, i: int) -> torch.Tensor:
+            return criterion(head(backbone(x0)), head(backbone(x1)))
+
+        return transform, (backbone, head), step
+
+    # MoCo v2: crop (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2, PIL blur p 0.5.
+    transform = MoCoV2Transform(input_size=32)
+    head = MoCoProjectionHead(512, 512, 128)
+    backbone_m, head_m = copy.deepcopy(backbone), copy.deepcopy(head)
+    deactivate_requires_grad(backbone_m)
+    deactivate_requires_grad(head_m)
+    criterion = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 128))
+
+    def pair(xq: torch.Tensor, xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = head(backbone(xq))  # (B, 128)
+        with torch.no_grad():
+            xk, shuffle = batch_shuffle(xk)
+            k = batch_unshuffle(head_m(backbone_m(xk)), shuffle)  # (B, 128)
+        return q, k
+
+    def moco_step(x0: torch.Tensor, x1: torch.Tensor, i: int) -> torch.Tensor:
+        m = cosine_schedule(i, steps, 0.99, 1.0)
+        update_momentum(backbone, backbone_m, m)
+        update_momentum(head, head_m, m)
+        return 0.5 * (criterion(*pair(x0, x1)) + criterion(*pair(x1, x0)))
+
+    return transform, (backbone, head), moco_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=("simclr", "moco"), required=True)
+    p.add_argument("--train", required=True, help="CIFAR-10 ImageFolder tar")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True, help="0.06 x batch / 128 in the recipe")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    transform, modules, step_fn = build(args.method, args.steps)
+    params = [q for m in modules for q in m.parameters()]
+    # lightly's CIFAR-10 benchmark: weight decay on every parameter; cosine over the run.
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    data = TarImages(args.train, transform)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    for m in modules:
+        m.train()
+    log = (args.out / "metrics.jsonl").open("w")
+    step, last_logged, wait = 0, 0, 0.0
+    batches = iter(loader)
+    t_last = time.perf_counter()
+    while step < args.steps:
+        t0 = time.perf_counter()
+        try:
+            (x0, x1), _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        wait += time.perf_counter() - t0
+        loss = step_fn(x0, x1, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.perf_counter()
+            row = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "lr": sched.get_last_lr()[0],
+                "samples_per_s": args.batch * (step - last_logged) / max(now - t_last, 1e-9),
+                "data_wait_frac": wait / max(now - t_last, 1e-9),
+            }
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            t_last, last_logged, wait = now, step, 0.0
+            if not math.isfinite(row["loss"]):
+                raise SystemExit(f"non-finite loss at step {step}")
+    log.close()
+    torch.save(modules[0].state_dict(), args.out / "backbone.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
