@@ -1,7 +1,8 @@
 """ShardLoader: the rank-side iterable the trainer and evaluators consume.
 
 Batches are ``{"image": uint8 (B, 3, S, S), "text": long (B, L), "key": [str][, "cls": (B,)]}``,
-or with views (self-supervision) ``{"views": uint8 (V, B, 3, S, S), "key": [str][, "cls": (B,)]}``;
+or with views (self-supervision) ``{"views": uint8 (V, B, 3, S, S), "key": [str][, "cls": (B,)]}``,
+or with views and a tokenizer (SLIP) both: ``{"image", "text", "views", "key"[, "cls"]}``;
 ``loader.normalize(images)`` turns images into normalised floats on whatever device they are
 (uint8 batches are 4x cheaper to move between processes; see ANCHORS.md). Position in the
 epoch's deterministic sample order is tracked per reader, so :meth:`ShardLoader.state_dict`
@@ -238,7 +239,8 @@ def build_train_loader(
     Args:
         cfg: :class:`clipkit.config.DataConfig` (``train``, ``weights``, ``num_samples``,
             ``resampled``, ``workers``, ``shuffle_buffer``, ``caption_keys``, ``image_keys``).
-        tokenizer: ``list[str] -> LongTensor (B, L)``, run in the workers.
+        tokenizer: ``list[str] -> LongTensor (B, L)``, run in the workers. With ``views``
+            too, batches carry the caption crop and tokens AND the views (SLIP; see below).
         image_size: output side ``S``.
         mean, std: per-channel normalisation used by :meth:`ShardLoader.normalize`.
         batch_size: per-rank batch size ``B``.
@@ -248,10 +250,13 @@ def build_train_loader(
             False: eval crop, file order, every sample once, partial last batch.
         fast_decode: DCT-scaled JPEG decoding (False: full-size PIL decode like open_clip).
         scale: RandomResizedCrop area range (caption training; views carry their own).
-        views: V augmented views per image (:func:`clipkit.data.views.view_spec`): batches
-            are ``{"views": uint8 (V, B, 3, S, S), "key", ["cls"]}``, captions are not needed
-            (image-only shards and ImageFolder inputs are valid) and ``tokenizer`` is unused.
-            Each view is seeded by (seed, epoch, sample key, view index).
+        views: V augmented views per image (:func:`clipkit.data.views.view_spec`). Without a
+            tokenizer batches are ``{"views": uint8 (V, B, 3, S, S), "key", ["cls"]}`` and
+            captions are not needed (image-only shards and ImageFolder inputs are valid). With
+            a tokenizer (SLIP) they are ``{"image", "text", "views", "key", ["cls"]}``: the
+            caption training batch (same samples, crop boxes and captions as without views)
+            plus the views, all crops of one decode per image. Each view is seeded by (seed,
+            epoch, sample key, view index).
 
     Returns:
         A :class:`ShardLoader`; batches hold uint8 images, call ``loader.normalize`` on device.
@@ -278,7 +283,8 @@ def build_train_loader(
             "views are a training augmentation; build_train_loader(train=False) has none"
         )
     sources = parse_spec(cfg.train, cfg.weights)
-    if views is None:
+    need_text = views is None or tokenizer is not None  # views + tokenizer: SLIP's batches
+    if need_text:
         for src in sources:
             if src.records is not None and not any(r.captions for r in src.records):
                 raise ValueError(
@@ -301,7 +307,7 @@ def build_train_loader(
         shuffle_buffer=int(cfg.shuffle_buffer),
         scale=tuple(scale),
         fast_decode=fast_decode,
-        need_text=views is None,
+        need_text=need_text,
         views=views,
         records={s.spec: s.records for s in sources if s.records is not None},
     )

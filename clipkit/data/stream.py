@@ -22,10 +22,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipkit.data.decode import DecodeError, eval_crop, train_crop
+from clipkit.data.decode import DecodeError, crop_params, eval_crop, train_crop
 from clipkit.data.records import image_bytes
 from clipkit.data.shards import Plan, is_url, part_range, split_part, tar_end_ok
-from clipkit.data.views import ViewSpec, make_views
+from clipkit.data.views import ViewSpec, crops_and_views, make_views
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class ReaderSpec:
     produced: list[int] = field(default_factory=list)
     # Physical worker p plays logical reader (p + rotation) % W.
     rotation: int = 0
-    # Views for self-supervision: batches carry "views" (V, B, 3, S, S) instead of "image".
+    # Views for self-supervision: batches carry "views" (V, B, 3, S, S) instead of "image";
+    # with need_text too (SLIP) they carry both, and the caption tokens.
     views: ViewSpec | None = None
     # Record inputs by spec (ImageFolder folders/tars, image folders): the plan's part urls
     # (clipkit.data.shards.part_url) index into these.
@@ -192,7 +193,8 @@ class _Reader:
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, sample: dict[str, Any], pos: int) -> dict[str, Any] | None:
-        """Raw sample -> ``{"image", "text", "key"[, "cls"]}``; None (counted) when unusable."""
+        """Raw sample -> ``{"image", "text", "key"[, "cls"]}`` (+ ``"views"`` with views and
+        captions: SLIP); None (counted) when unusable."""
         s = self.s
         if "__image__" in sample:  # a record input's reference, read now (after the skip)
             img_bytes = image_bytes(sample["__image__"])
@@ -209,11 +211,24 @@ class _Reader:
         if s.need_text and not captions:
             self._count("missing_caption")
             return None
-        if s.views is not None:
+        if s.views is not None and not s.need_text:
             return self._decode_views(sample, img_bytes)
         rng = random.Random(f"{s.seed}/{s.epoch}/{s.rank}/{self.r}/{pos}")
+        views = None
         try:
-            if s.train:
+            if s.views is not None:
+                # SLIP: the caption crop (its box from rng, as below) and the views, one decode.
+                (image,), views = crops_and_views(
+                    img_bytes,
+                    s.image_size,
+                    s.views,
+                    seed=s.seed,
+                    epoch=s.epoch,
+                    key=sample["__key__"],
+                    fast=s.fast_decode,
+                    crops=lambda h, w: [crop_params(rng, h, w, s.scale)],
+                )
+            elif s.train:
                 image = train_crop(img_bytes, s.image_size, rng, s.scale, s.fast_decode)
             else:
                 image = eval_crop(img_bytes, s.image_size)
@@ -221,6 +236,8 @@ class _Reader:
             self._count("corrupt_image", f"{sample.get('__key__')}: {err}")
             return None
         out = {"image": image, "key": sample["__key__"]}
+        if views is not None:
+            out["views"] = views  # (V, 3, S, S)
         if captions:
             # Several captions per image (COCO): training draws one per step.
             out["text"] = captions[rng.randrange(len(captions))] if s.train else captions[0]
@@ -272,16 +289,12 @@ class _Reader:
     # -- batches -------------------------------------------------------------------------------
     def collate(self, items: list[dict[str, Any]], pos: int, produced: int) -> dict[str, Any]:
         s = self.s
+        batch: dict[str, Any] = {}
+        if "image" in items[0]:
+            batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S) uint8
         if s.views is not None:
-            batch: dict[str, Any] = {
-                "views": torch.stack([it["views"] for it in items], dim=1),  # (V, B, 3, S, S)
-                "key": [it["key"] for it in items],
-            }
-        else:
-            batch = {
-                "image": torch.stack([it["image"] for it in items]),  # (B, 3, S, S) uint8
-                "key": [it["key"] for it in items],
-            }
+            batch["views"] = torch.stack([it["views"] for it in items], dim=1)  # (V, B, 3, S, S)
+        batch["key"] = [it["key"] for it in items]
         if s.tokenizer is not None and all("text" in it for it in items):
             batch["text"] = s.tokenizer([it["text"] for it in items])  # (B, L)
         elif all("text" in it for it in items):

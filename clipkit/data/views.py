@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,12 +179,34 @@ RECIPES: dict[str, tuple[ViewRecipe, ...]] = {
             blur_kernel=0.0,
         ),
     ),
+    # SLIP, Mu et al. 2021 (arXiv 2112.12750), the SimCLR views of its image tower: crop
+    # (0.08, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8 ("not strengthened"), grayscale p 0.2,
+    # MoCo's PIL blur sigma (0.1, 2.0) p 0.5, flip. Flip last in SLIP's composition, first
+    # here: it commutes with the photometric ops, so the distribution is the same.
+    "slip": (
+        ViewRecipe(
+            scale=(0.08, 1.0),
+            jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8,
+            gray_p=0.2,
+            blur_p=0.5,
+            blur_kernel=0.0,
+        ),
+    ),
     # BYOL, Grill et al. 2020 (arXiv 2006.07733), Table 6: asymmetric views. Both: crop
     # (0.08, 1), flip 0.5, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, blur sigma
     # (0.1, 2.0); view 1 blur p 1.0, no solarisation; view 2 blur p 0.1, solarisation p 0.2.
     "byol": (
         ViewRecipe(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0),
         ViewRecipe(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2),
+    ),
+    # SwAV, Caron et al. 2020 (arXiv 2006.09882), App. A: high-resolution crops scale
+    # (0.14, 1), flip, colour distortion s = 1.0 (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2,
+    # Gaussian blur sigma (0.1, 2.0) p 0.5.
+    "swav": (
+        ViewRecipe(
+            scale=(0.14, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5
+        ),
     ),
 }
 
@@ -192,7 +215,8 @@ def view_spec(name: str, views: int = 2) -> ViewSpec:
     """The recipe named ``name`` from :data:`RECIPES`, with ``views`` views per image.
 
     Args:
-        name: a key of :data:`RECIPES` (``simclr``, ``simclr_imagenet``, ``moco_v2``, ``byol``).
+        name: a key of :data:`RECIPES` (``simclr``, ``simclr_imagenet``, ``moco_v2``, ``slip``,
+            ``byol``).
         views: views per image ``V`` (>= 2).
 
     Returns:
@@ -381,13 +405,49 @@ def make_views(
         >>> v.shape, v.dtype  # doctest: +SKIP
         (torch.Size([2, 3, 32, 32]), torch.uint8)
     """
+    return crops_and_views(data, size, spec, seed=seed, epoch=epoch, key=key, fast=fast)[1]
+
+
+def crops_and_views(
+    data: bytes,
+    size: int,
+    spec: ViewSpec,
+    *,
+    seed: int,
+    epoch: int,
+    key: str,
+    fast: bool = True,
+    crops: Callable[[int, int], list[Box]] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Plain crops (no photometric ops) and the ``V`` views of one image, from ONE decode.
+
+    SLIP trains on the caption's crop and two SimCLR views of the same image: the JPEG is
+    DCT-scaled once to the smallest size that covers every box (crops and views).
+
+    Args:
+        data, size, spec, seed, epoch, key, fast: as :func:`make_views`.
+        crops: ``(height, width) -> [(top, left, h, w), ...]`` boxes of the plain crops, called
+            once with the image's size before the views' boxes are drawn (the caption crop's
+            own random source, so its box is the one the caption loader draws); None: none.
+
+    Returns:
+        ``([uint8 (3, S, S) per crop box], uint8 (V, 3, S, S) views)``.
+
+    Raises:
+        clipkit.data.decode.DecodeError: undecodable bytes.
+    """
     params: list[ViewParams] = []
+    n_crops = 0
 
     def boxes(height: int, width: int) -> list[Box]:
+        nonlocal n_crops
+        plain = crops(height, width) if crops is not None else []
+        n_crops = len(plain)
         params.extend(view_params(spec, seed, epoch, key, height, width))
-        return [p.box for p in params]
+        return plain + [p.box for p in params]
 
-    crops = crop_boxes(data, size, boxes, fast)  # V x (3, S, S) uint8
-    return torch.stack(
-        [apply_params(c, p, spec.recipe(v)) for v, (c, p) in enumerate(zip(crops, params))]
+    out = crop_boxes(data, size, boxes, fast)  # crops, then V views: (3, S, S) uint8 each
+    views = torch.stack(
+        [apply_params(c, p, spec.recipe(v)) for v, (c, p) in enumerate(zip(out[n_crops:], params))]
     )  # (V, 3, S, S)
+    return out[:n_crops], views

@@ -3,7 +3,7 @@
 Pure functions :func:`info_nce`, :func:`siglip_loss`, :func:`nt_xent` (SimCLR),
 :func:`moco_loss`, :func:`moco_v3_loss`, :func:`barlow_twins_loss`, :func:`negative_cosine`
 (BYOL) and :func:`swav_loss`; modules holding the temperature, the all-gather and
-the negatives queue, built by name with :func:`build_loss`.
+the negatives queue, built by name with :func:`build_loss` (``SLIPLoss``: CLIP + NT-Xent).
 """
 
 from clipkit.losses.barlow_twins import barlow_twins_loss
@@ -27,6 +27,7 @@ from clipkit.losses.module import (
 from clipkit.losses.ntxent import nt_xent, nt_xent_sharded
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
+from clipkit.losses.slip import SLIPLoss
 from clipkit.losses.swav import sinkhorn_codes, swav_loss
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "NTXentLoss",
     "NegativeQueue",
     "NonContrastiveLoss",
+    "SLIPLoss",
     "SigLIPLoss",
     "SwAVLoss",
     "barlow_twins_loss",

@@ -449,8 +449,11 @@ LOSSES = {
 }
 
 
-def build_loss(cfg: LossConfig) -> ContrastiveLoss:
+def build_loss(cfg: LossConfig) -> nn.Module:
     """Build the loss named by ``cfg.name`` from :data:`LOSSES`.
+
+    With ``cfg.ssl_weight > 0`` (SLIP) that loss, infonce or siglip, is wrapped in a
+    :class:`~clipkit.losses.slip.SLIPLoss` that adds ``ssl_weight`` x NT-Xent over two views.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones) or invalid settings.
@@ -459,6 +462,17 @@ def build_loss(cfg: LossConfig) -> ContrastiveLoss:
         raise ValueError(f"unknown loss.name '{cfg.name}'; valid: {', '.join(sorted(LOSSES))}")
     if cfg.name != "infonce" and cfg.label_smoothing:
         raise ValueError(f"loss.label_smoothing applies to infonce only (loss.name={cfg.name})")
+    if not (cfg.ssl_weight >= 0 and math.isfinite(cfg.ssl_weight)):
+        raise ValueError(f"loss.ssl_weight must be >= 0 (0 = off, SLIP: 1.0), got {cfg.ssl_weight}")
+    if cfg.ssl_weight > 0:
+        from clipkit.losses.slip import SLIPLoss
+
+        if cfg.name not in ("infonce", "siglip"):
+            raise ValueError(
+                f"loss.ssl_weight > 0 (SLIP) adds NT-Xent to infonce or siglip, "
+                f"not to loss.name={cfg.name}"
+            )
+        return SLIPLoss(LOSSES[cfg.name](cfg), cfg.ssl_weight, cfg.ssl_temperature, cfg.chunk_size)
     return LOSSES[cfg.name](cfg)
 
 

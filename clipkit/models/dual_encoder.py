@@ -3,6 +3,13 @@
 Every architecture is expressed as an open_clip model config, including HF ``transformers`` text
 towers (open_clip's ``text_cfg.hf_model_name``), so the trained model exports in open_clip's own
 format and open_clip / CLIP_benchmark load it unchanged.
+
+SLIP (Mu et al. 2021, ``loss.ssl_weight > 0``) adds an MLP head for SimCLR on the image tower's
+*trunk*: the pooled features before the CLIP image projection, as SLIP's ``image_mlp`` sits on
+its ViT's pooled output. Each augmented view goes through the trunk once
+(:meth:`DualEncoder.image_trunk`: open_clip's ViT forward without its final ``@ proj``); the
+caption crop takes the usual tower. The head is part of the module (DDP syncs it, checkpoints
+carry it) but not of the open_clip export.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch.nn.functional as F
 from open_clip import factory as oc_factory
 from torch import nn
 
-from clipkit.config.schema import LossConfig, ModelConfig
+from clipkit.config.schema import LossConfig, ModelConfig, SSLConfig
 
 REPO_MODEL_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 EXPORT_CONFIG = "open_clip_config.json"
@@ -79,12 +86,56 @@ def _with_hf_text(cfg: dict[str, Any], mcfg: ModelConfig) -> dict[str, Any]:
     return cfg
 
 
+def _slip_head(f: int, hidden: int, out: int) -> nn.Module:
+    """SLIP's ``image_mlp``: Linear-BN-ReLU-Linear-BN-ReLU-Linear (4096 hidden, 256 out)."""
+    from clipkit.models.ssl import _mlp
+
+    return _mlp([f, hidden, hidden, out], bn=True)
+
+
+def _ssl_head(name: str) -> Any:
+    from clipkit.models.ssl import HEADS
+
+    return lambda f, hidden, out: HEADS[name](f, hidden, out)[0]
+
+
+# ssl.head names task=clip (SLIP) accepts: projection heads without a predictor or prototypes.
+SLIP_HEADS = {"slip": _slip_head, "simclr": _ssl_head("simclr"), "moco_v2": _ssl_head("moco_v2")}
+
+
+def trunk_width(visual: nn.Module) -> int:
+    """Width of :meth:`DualEncoder.image_trunk`'s features for an open_clip vision tower.
+
+    Raises:
+        ValueError: a tower whose pooled features cannot be taken before its projection (the
+            ModifiedResNet's attention pool and timm towers project inside their pooling; an
+            attentional pooler pools to the output width).
+    """
+    from open_clip.transformer import VisionTransformer
+
+    if (
+        not isinstance(visual, VisionTransformer)
+        or visual.attn_pool is not None
+        or visual.proj is None
+    ):
+        raise ValueError(
+            f"loss.ssl_weight > 0 (SLIP) puts its head on the image trunk's pooled features "
+            f"before the projection; clipkit takes those from open_clip's VisionTransformer "
+            f"without an attentional pooler, not from a {type(visual).__name__} tower"
+        )
+    return int(visual.proj.shape[0])
+
+
 class DualEncoder(nn.Module):
     """Image and text towers with a learnable temperature (and bias for SigLIP).
 
     ``encode_image``/``encode_text`` return L2-normalised ``(B, D)`` embeddings; each tower can be
     called alone. ``forward`` returns ``{"image", "text", "logit_scale"[, "logit_bias"]}`` with
-    ``logit_scale`` already exponentiated, as open_clip's ``ClipLoss`` takes it.
+    ``logit_scale`` already exponentiated, as open_clip's ``ClipLoss`` takes it; given ``views``
+    (SLIP) also ``"ssl"``: the head's L2-normalised projections of every view ``(V, B, P)``.
+
+    Args:
+        ssl_head: SLIP's MLP on :meth:`image_trunk` features (None: plain CLIP).
     """
 
     def __init__(
@@ -95,6 +146,7 @@ class DualEncoder(nn.Module):
         preprocess_train: Any,
         preprocess_eval: Any,
         name: str = "clipkit",
+        ssl_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.clip = clip
@@ -103,6 +155,9 @@ class DualEncoder(nn.Module):
         self.preprocess_train = preprocess_train
         self.preprocess_eval = preprocess_eval
         self.name = name
+        self.ssl_head = ssl_head
+        if ssl_head is not None:
+            trunk_width(clip.visual)  # fail now, not at the first step
 
     @property
     def embed_dim(self) -> int:
@@ -135,14 +190,45 @@ class DualEncoder(nn.Module):
         x = self.clip.encode_text(text)  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def image_trunk(self, image: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> the ViT's pooled features ``(B, W)`` before the projection.
+
+        open_clip's ``VisionTransformer.forward`` without its last ``pooled @ proj`` (so
+        ``image_trunk(x) @ visual.proj == clip.encode_image(x)``): patch embedding, transformer,
+        pooling and final LayerNorm, one pass per call.
+        """
+        v = self.clip.visual
+        pooled, _ = v._pool(v.transformer(v._embeds(image)))  # (B, W)
+        return pooled
+
     def forward(
-        self, image: torch.Tensor | None = None, text: torch.Tensor | None = None
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        views: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Embeddings of what is given (one call, so DDP sees one forward per micro-batch).
+
+        Args:
+            image: ``(B, 3, S, S)`` normalised images -> ``"image"`` ``(B, D)``.
+            text: ``(B, L)`` token ids -> ``"text"`` ``(B, D)``.
+            views: ``(V, B, 3, S, S)`` normalised views (SLIP) -> ``"ssl"`` ``(V, B, P)``;
+                each view through the trunk and the head separately (batch-norm statistics per
+                view, as SLIP's two ``image_mlp`` calls).
+
+        Raises:
+            ValueError: ``views`` without an SSL head.
+        """
         out: dict[str, torch.Tensor] = {"logit_scale": self.clip.logit_scale.exp()}
         if image is not None:
             out["image"] = self.encode_image(image)
         if text is not None:
             out["text"] = self.encode_text(text)
+        if views is not None:
+            if self.ssl_head is None:
+                raise ValueError("views given, but this model has no SSL head (loss.ssl_weight=0)")
+            z = [self.ssl_head(self.image_trunk(x)) for x in views]  # V x (B, P)
+            out["ssl"] = F.normalize(torch.stack(z), dim=-1)  # (V, B, P)
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
@@ -156,7 +242,9 @@ class DualEncoder(nn.Module):
         """Write the model in open_clip's format (``open_clip_config.json`` + safetensors).
 
         The folder loads with ``open_clip.create_model_and_transforms("local-dir:" + out_dir)``
-        and with :func:`load_dual_encoder`.
+        and with :func:`load_dual_encoder`. SLIP's SSL head is not exported: open_clip has no
+        place for it and no evaluation reads it (SLIP evaluates the CLIP towers); the run's
+        checkpoints keep it (``load_model`` on a checkpoint folder rebuilds it).
         """
         from safetensors.torch import save_file
 
@@ -210,15 +298,20 @@ def _quiet_random_init() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def build_dual_encoder(mcfg: ModelConfig, loss_cfg: LossConfig | None = None) -> DualEncoder:
+def build_dual_encoder(
+    mcfg: ModelConfig, loss_cfg: LossConfig | None = None, ssl_cfg: SSLConfig | None = None
+) -> DualEncoder:
     """Build the dual encoder named by ``mcfg`` (open_clip architecture, JSON or HF text tower).
 
     Args:
         mcfg: model section of the config.
-        loss_cfg: when given, sets the initial temperature (and SigLIP's bias).
+        loss_cfg: when given, sets the initial temperature (and SigLIP's bias); with
+            ``ssl_weight > 0`` the model gets SLIP's SSL head.
+        ssl_cfg: the head's shape (``head``, ``proj_hidden``, ``proj_dim``; defaults when None).
 
     Raises:
-        ValueError: unknown model name or missing pretrained file.
+        ValueError: unknown model name, missing pretrained file, unknown SSL head, or an SSL
+            head on a vision tower without separable pooled features (see :func:`trunk_width`).
     """
     cfg = resolve_model_cfg(mcfg.name)
     if mcfg.hf_text_model:
@@ -245,7 +338,25 @@ def build_dual_encoder(mcfg: ModelConfig, loss_cfg: LossConfig | None = None) ->
         clip.lock_text_tower(unlocked_layers=mcfg.lock_text_unlocked_layers)
     if mcfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
-    return DualEncoder(clip, cfg, tokenizer, pp_train, pp_eval, name=mcfg.name)
+    head = None
+    if loss_cfg is not None and loss_cfg.ssl_weight > 0:
+        head = build_ssl_head(clip.visual, ssl_cfg or SSLConfig())
+    return DualEncoder(clip, cfg, tokenizer, pp_train, pp_eval, name=mcfg.name, ssl_head=head)
+
+
+def build_ssl_head(visual: nn.Module, ssl_cfg: SSLConfig) -> nn.Module:
+    """SLIP's head on ``visual``'s trunk features, shaped by ``ssl.head|proj_hidden|proj_dim``.
+
+    Raises:
+        ValueError: an unknown head name (listing :data:`SLIP_HEADS`) or an unusable tower.
+    """
+    name = ssl_cfg.head or "slip"
+    if name not in SLIP_HEADS:
+        raise ValueError(
+            f"ssl.head={name}: task=clip with loss.ssl_weight > 0 (SLIP) takes "
+            f"{', '.join(SLIP_HEADS)}"
+        )
+    return SLIP_HEADS[name](trunk_width(visual), ssl_cfg.proj_hidden, ssl_cfg.proj_dim)
 
 
 def load_dual_encoder(path: str | Path) -> DualEncoder:

@@ -36,7 +36,7 @@ def _load_checkpoint(path: Path) -> DualEncoder:
     cfg = load_config(path / "config.yaml")
     if cfg.task != "clip":
         raise ValueError(f"checkpoint {path} is a '{cfg.task}' model, not an image-text model")
-    model = build_dual_encoder(cfg.model, cfg.loss)
+    model = build_dual_encoder(cfg.model, cfg.loss, cfg.ssl)  # SLIP runs: with their SSL head
     state = load_file(str(weights))
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,7 +1,15 @@
-"""The CLIP task: image-text pairs from shards -> DualEncoder -> contrastive loss."""
+"""The CLIP task: image-text pairs from shards -> DualEncoder -> contrastive loss.
+
+With ``loss.ssl_weight > 0`` it is SLIP (Mu et al. 2021): the loader also yields two augmented
+views of each image (``ssl.recipe``, one decode with the caption crop), the model runs them
+through its image trunk and SSL head (``ssl.head``, ``ssl.proj_hidden``, ``ssl.proj_dim``), and
+the loss adds ``ssl_weight`` x NT-Xent at ``loss.ssl_temperature`` on them
+(:class:`~clipkit.losses.slip.SLIPLoss`). Evaluation and export are CLIP's.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +43,56 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return train_spec, zs_spec
 
 
+def slip_views(cfg: Config) -> Any:
+    """The SLIP views (a :class:`~clipkit.data.views.ViewSpec`), or None for plain CLIP."""
+    if not cfg.loss.ssl_weight > 0:
+        return None
+    from clipkit.data.views import ViewSpec
+
+    return ViewSpec(cfg.ssl.recipe or "slip", cfg.ssl.views)
+
+
+def check_slip(cfg: Config) -> None:
+    """SLIP's settings, checked before the model is built (one line each).
+
+    Raises:
+        ValueError: a negative or non-finite ``loss.ssl_weight``; with ``ssl_weight > 0``: a
+            CLIP loss other than infonce / siglip, a non-positive ``loss.ssl_temperature``,
+            ``ssl.views`` other than 2, head widths < 1 or an unknown ``ssl.recipe``.
+    """
+    w = cfg.loss.ssl_weight
+    if not (w >= 0 and math.isfinite(w)):
+        raise ValueError(f"loss.ssl_weight={w}: must be >= 0 (0 = CLIP, SLIP: 1.0)")
+    if w == 0:
+        return
+    if cfg.loss.name not in ("infonce", "siglip"):
+        raise ValueError(
+            f"loss.name={cfg.loss.name}: SLIP (loss.ssl_weight > 0) wraps infonce or siglip"
+        )
+    if not (cfg.loss.ssl_temperature > 0 and math.isfinite(cfg.loss.ssl_temperature)):
+        raise ValueError(
+            f"loss.ssl_temperature={cfg.loss.ssl_temperature}: must be > 0 (SLIP: 0.1)"
+        )
+    if cfg.ssl.views != 2:
+        raise ValueError(
+            f"ssl.views={cfg.ssl.views}: SLIP (loss.ssl_weight > 0) takes exactly 2 views per image"
+        )
+    if cfg.ssl.proj_hidden < 1 or cfg.ssl.proj_dim < 1:
+        raise ValueError(
+            f"ssl.proj_hidden={cfg.ssl.proj_hidden}, ssl.proj_dim={cfg.ssl.proj_dim}: "
+            "SLIP's head needs widths >= 1"
+        )
+    slip_views(cfg)  # an unknown recipe name is a ValueError listing the valid ones
+
+
 class ClipTask(Task):
-    """Symmetric InfoNCE (or SigLIP) between image and caption embeddings."""
+    """Symmetric InfoNCE (or SigLIP) between image and caption embeddings; + NT-Xent (SLIP)."""
 
     def build_model(self, cfg: Config) -> nn.Module:
         from clipkit.data import DeviceNormalize
 
-        model = build_dual_encoder(cfg.model, cfg.loss)
+        check_slip(cfg)  # before the model: the head's shape comes from these settings
+        model = build_dual_encoder(cfg.model, cfg.loss, cfg.ssl)
         pp = model.clip.visual.preprocess_cfg
         self._normalize = DeviceNormalize(pp["mean"], pp["std"])
         return model
@@ -64,19 +115,30 @@ class ClipTask(Task):
             seed=cfg.train.seed,
             rank=rank,
             world_size=world_size,
+            views=slip_views(cfg),  # SLIP: the views come with the caption crop and tokens
         )
 
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         image = batch["image"]  # (B, 3, S, S) uint8 from the loader: normalise on the device
         if image.dtype == torch.uint8:
             image = self._normalize(image)
-        # Through the (possibly DDP-wrapped) forward so the scale's gradient is all-reduced too.
-        out = model(image=image, text=batch["text"])
+        views = batch.get("views")  # SLIP: uint8 (2, B, 3, S, S)
+        if views is not None:
+            views = self._normalize(views)  # (2, B, 3, S, S) float
+        # One call through the (possibly DDP-wrapped) forward: the scale's and the SSL head's
+        # gradients are all-reduced with the towers'.
+        out = model(image=image, text=batch["text"], views=views)
+        extra = {}
+        if views is not None:
+            from clipkit.losses.slip import VIEW_KEYS
+
+            extra = dict(zip(VIEW_KEYS, out["ssl"]))  # (B, P) each
         return Embeddings(
             q=out["image"],  # (B, D)
             k=out["text"],  # (B, D)
             logit_scale=out["logit_scale"],
             logit_bias=out.get("logit_bias"),
+            extra=extra,
         )
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor | None:

@@ -284,6 +284,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if grad_norm is not None:
                 logs["train/grad_norm"] = float(grad_norm)
             logs.update({f"train/{k}": float(v) for k, v in task_logs.items()})
+            # A loss made of parts (SLIP: loss_clip, loss_ssl) keeps its last call's values.
+            for k, v in getattr(loss_fn, "parts", {}).items():
+                logs[f"train/{k}"] = accelerator.reduce(v.float(), "mean").item()
             if accelerator.device.type == "cuda":
                 logs["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             t_last, wait_time, step_time, last_logged = now, 0.0, 0.0, step

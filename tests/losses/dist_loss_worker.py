@@ -239,6 +239,56 @@ def run_moco_v3_case(rank, world) -> float:
     return max(errs)
 
 
+def run_slip_case(rank, world, clip_name: str) -> float:
+    """SLIP: the CLIP loss (model's scale) + 0.7 x NT-Xent (T 0.1) on two views, each rank
+    holding its rows of image, caption and both views; loss and gradients of every tower
+    (averaged as DDP does) equal infonce / siglip + 0.7 x nt_xent on the global batch."""
+    from clipkit.losses import nt_xent
+    from clipkit.losses.slip import VIEW_KEYS
+
+    cfg = LossConfig(name=clip_name, ssl_weight=0.7, ssl_temperature=0.1, chunk_size=3)
+    start = sum(SIZES[:rank])
+    rows = torch.arange(start, start + SIZES[rank])
+
+    def views(p, rows):
+        # Two views of the same images through their own "trunk + head" (wk, wq): (n, D) each.
+        return F.normalize(x["xh"][rows, 0] @ p["wk"], dim=-1), F.normalize(
+            x["xh"][rows, 1] @ p["wq"], dim=-1
+        )
+
+    p, x = _params(0), _data(1)
+    q, k, _ = _embed(p, x, rows)
+    loss_fn = build_loss(cfg).double()
+    bias = p["bias"] if clip_name == "siglip" else None
+    local = loss_fn(
+        q,
+        k,
+        logit_scale=p["log_s"].exp(),
+        logit_bias=bias,
+        extra=dict(zip(VIEW_KEYS, views(p, rows))),
+    )
+    local.backward()
+    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+    for g in grads.values():  # what DDP does to the model's parameters
+        dist.all_reduce(g)
+        g /= world
+    mean_loss = local.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    p_ref = _params(0)
+    q, k, _ = _embed(p_ref, x, torch.arange(N))
+    s = p_ref["log_s"].exp()
+    b = p_ref["bias"] if clip_name == "siglip" else None
+    ref = _reference(cfg, None, q, k, None, s, b) + 0.7 * nt_xent(
+        *views(p_ref, torch.arange(N)), temperature=0.1, chunk_size=4
+    )
+    ref.backward()
+    assert set(grads) == {n for n, t in p_ref.items() if t.grad is not None}
+    errs = [_rel(mean_loss, ref.detach())]
+    errs += [_rel(grads[n], t.grad) for n, t in p_ref.items() if t.grad is not None]
+    return max(errs)
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -248,6 +298,8 @@ def main(out: str) -> None:
     results.update(run_moco_case(rank, world, own_scale=False))
     results.update(run_moco_case(rank, world, own_scale=True))
     results["moco_v3"] = run_moco_v3_case(rank, world)
+    results["slip"] = run_slip_case(rank, world, "infonce")
+    results["slip_siglip"] = run_slip_case(rank, world, "siglip")
     gathered: list[dict[str, float]] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, results)
     if rank == 0:
