@@ -206,7 +206,7 @@ class SSLConfig:
     freeze_prototypes_steps: int = 0
     # Collapse guard: warn (once per fall) when the per-dimension std of the L2-normalised
     # projections, times sqrt(dim), falls below this (1 = spread as uniform; 0 = collapsed).
-    collapse_threshold: float = 0.05
+    collapse_threshold: float = 0.1
 
 
 @dataclass

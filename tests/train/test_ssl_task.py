@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from clipkit.train.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
+TASKS = ["simclr", "moco", "moco_v3", "byol", "barlow_twins", "swav"]
+TEACHER = ("moco", "moco_v3", "byol")  # the tasks with a momentum teacher
 
 
 def _cut(src: Path, dst: Path, per_class: int) -> Path:
@@ -46,9 +48,7 @@ def cifar(data_root, tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    config = {"simclr": "simclr_cifar10", "moco": "moco_cifar10", "moco_v3": "moco_v3_cifar10"}[
-        task
-    ]
+    config = f"{task}_cifar10"
     return [
         "--config",
         str(REPO / "configs" / f"{config}.yaml"),
@@ -67,13 +67,13 @@ def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str
         "ssl.proj_dim=32",
         "optim.lr=0.06",
         *(["loss.queue_size=64"] if task == "moco" else []),
-        *(["ssl.proj_dim=32", "ssl.proj_hidden=64"] if task == "moco_v3" else []),
+        *(["ssl.prototypes=16", "ssl.freeze_prototypes_steps=1"] if task == "swav" else []),
         *extra,
     ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["simclr", "moco", "moco_v3"])
+@pytest.mark.parametrize("task", TASKS)
 def test_runs_end_to_end_and_knn_equals_the_cli(task, cifar, tmp_path, capsys):
     run = tmp_path / task
     assert main(_args(task, cifar, run, "train.max_steps=3")) == 0
@@ -84,7 +84,9 @@ def test_runs_end_to_end_and_knn_equals_the_cli(task, cifar, tmp_path, capsys):
               if "train/loss" in x]  # fmt: skip
     assert len(losses) == 3 and all(x == x for x in losses)  # finite
     assert (run / "export" / "ssl_config.json").is_file()
-    assert (run / "export" / "teacher.safetensors").is_file() == task.startswith("moco")
+    assert (run / "export" / "teacher.safetensors").is_file() == (task in TEACHER)
+    assert all(x["train/proj_spread"] >= 0 for x in map(json.loads, (run / "metrics.jsonl")
+               .read_text().splitlines()) if "train/loss" in x)  # fmt: skip
     from clipkit.cli import main as cli
 
     out = tmp_path / "knn.json"
@@ -114,7 +116,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["simclr", "moco", "moco_v3"])
+@pytest.mark.parametrize("task", TASKS)
 def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
     """Weights, momentum teacher and queue of a killed + resumed run equal the uninterrupted."""
     common = ["train.max_steps=4", "train.checkpoint_every=2", "eval.knn=", "eval.knn_train="]
@@ -129,7 +131,8 @@ def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
     assert main(_args(task, cifar, run, *common, "train.resume=latest")) == 0
     a, b = _state(ref), _state(run)
     assert a.keys() == b.keys()
-    assert any(k.startswith("teacher.") for k in a) == task.startswith("moco")
+    assert any(k.startswith("teacher.") for k in a) == (task in TEACHER)
+    assert any("prototypes" in k for k in a) == (task == "swav")
     for k in a:
         assert (a[k].double() - b[k].double()).abs().max().item() <= 1e-6, k
     if task == "moco":  # the queue lives in the loss module's checkpointed state
@@ -170,3 +173,23 @@ def test_knn_sets_with_different_classes_fail_at_start(cifar, tmp_path, data_roo
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "different class sets" in err and len(err.splitlines()) == 1, err
+
+
+def test_byol_without_predictor_collapses_and_the_guard_warns(cifar, tmp_path, capsys):
+    """BYOL's ablation without the predictor (and a teacher equal to the student) collapses
+    within a few steps at a high learning rate; the guard prints one line naming the step."""
+    run = tmp_path / "collapse"
+    argv = _args(
+        "byol", cifar, run, "eval.knn=", "eval.knn_train=", "ssl.head=byol_nopred",
+        "ssl.momentum=0", "ssl.momentum_final=0", "optim.lr=2.0", "optim.weight_decay=0",
+        "train.max_steps=10",
+    )  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    warnings = [x for x in out.splitlines() if "representation collapse?" in x]
+    assert len(warnings) == 1, out[-3000:]
+    step = int(warnings[0].split("step ")[1].split(":")[0])
+    spreads = [json.loads(x)["train/proj_spread"] for x in
+               (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]  # fmt: skip
+    # The metric fell from a spread start to below the threshold exactly at the warned step.
+    assert spreads[0] > 0.3 and spreads[step - 1] < 0.1 <= min(spreads[: step - 1])
