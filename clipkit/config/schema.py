@@ -204,6 +204,16 @@ class SSLConfig:
     # they stay frozen (gradients dropped), as the paper's first iterations.
     prototypes: int = 0
     freeze_prototypes_steps: int = 0
+    # SwAV's multi-crop: small crops per image beside the views (paper: 6 at 96 px with 224 px
+    # views), their side in px and crop scale; predicted, never a source of codes.
+    small_views: int = 0
+    small_size: int = 0
+    small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
+    # SwAV's queue for small batches: this rank's last queue_size projections of each large
+    # crop join the Sinkhorn rows (codes only); filled from step queue_start_steps, used once
+    # full. 0 = off (the paper: 3840 at batch 256, from epoch 15).
+    queue_size: int = 0
+    queue_start_steps: int = 0
     # Collapse guard: warn (once per fall) when the per-dimension std of the L2-normalised
     # projections, times sqrt(dim), falls below this (1 = spread as uniform; 0 = collapsed).
     collapse_threshold: float = 0.1

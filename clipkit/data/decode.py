@@ -191,11 +191,12 @@ def crop_boxes(
     size: int,
     boxes: Callable[[int, int], list[Box]],
     fast: bool = True,
+    sizes: Callable[[int], int] | None = None,
 ) -> list[torch.Tensor]:
     """Decode an image once and crop-resize several boxes out of it (the views of one sample).
 
     Like :func:`train_crop`, but the JPEG is DCT-scaled to the smallest size whose crops *all*
-    still cover ``S x S``, so V views cost one decode.
+    still cover their output side, so V views cost one decode.
 
     Args:
         data: encoded image bytes.
@@ -203,13 +204,19 @@ def crop_boxes(
         boxes: ``(height, width) -> [(top, left, h, w), ...]`` in original pixels, called once
             with the image's size (read from the JPEG header when possible).
         fast: use DCT-scaled decoding; False decodes at full size with PIL.
+        sizes: box index -> its output side, when the boxes differ (SwAV's multi-crop: small
+            crops at a smaller side); None: every box at ``size``.
 
     Returns:
-        One uint8 ``(3, S, S)`` tensor per box.
+        One uint8 ``(3, S_i, S_i)`` tensor per box.
 
     Raises:
         DecodeError: when the bytes are not a decodable image.
     """
+
+    def side(i: int) -> int:
+        return size if sizes is None else sizes(i)
+
     if fast and data[:2] == b"\xff\xd8":
         try:
             h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -217,8 +224,8 @@ def crop_boxes(
             raise DecodeError(f"undecodable JPEG ({err})") from err
         if colorspace not in ("CMYK", "YCCK") and _jpeg_orientation(data) == 1:
             bxs = boxes(h, w)
-            min_h = max(math.ceil(size * h / b[2]) for b in bxs)
-            min_w = max(math.ceil(size * w / b[3]) for b in bxs)
+            min_h = max(math.ceil(side(i) * h / b[2]) for i, b in enumerate(bxs))
+            min_w = max(math.ceil(side(i) * w / b[3]) for i, b in enumerate(bxs))
             try:
                 arr = simplejpeg.decode_jpeg(
                     data, colorspace="RGB", min_height=min(min_h, h), min_width=min(min_w, w)
@@ -226,10 +233,10 @@ def crop_boxes(
             except ValueError as err:
                 raise DecodeError(f"undecodable JPEG ({err})") from err
             img = Image.fromarray(arr)
-            return [_to_chw(_resize_box(img, b, (h, w), size)) for b in bxs]
+            return [_to_chw(_resize_box(img, b, (h, w), side(i))) for i, b in enumerate(bxs)]
     img = open_pil(data)
     full = (img.height, img.width)
-    return [_to_chw(_resize_box(img, b, full, size)) for b in boxes(*full)]
+    return [_to_chw(_resize_box(img, b, full, side(i))) for i, b in enumerate(boxes(*full))]
 
 
 def eval_crop(data: bytes, size: int) -> torch.Tensor:

@@ -251,7 +251,8 @@ def build_train_loader(
         fast_decode: DCT-scaled JPEG decoding (False: full-size PIL decode like open_clip).
         scale: RandomResizedCrop area range (caption training; views carry their own).
         views: V augmented views per image (:func:`clipkit.data.views.view_spec`). Without a
-            tokenizer batches are ``{"views": uint8 (V, B, 3, S, S), "key", ["cls"]}`` and
+            tokenizer batches are ``{"views": uint8 (V, B, 3, S, S), "key", ["cls"]}`` (plus
+            ``"small_views"`` uint8 ``(V_small, B, 3, s, s)`` with a multi-crop spec) and
             captions are not needed (image-only shards and ImageFolder inputs are valid). With
             a tokenizer (SLIP) they are ``{"image", "text", "views", "key", ["cls"]}``: the
             caption training batch (same samples, crop boxes and captions as without views)

@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipkit.data.decode import DecodeError, crop_params, eval_crop, train_crop
 from clipkit.data.records import image_bytes
 from clipkit.data.shards import Plan, is_url, part_range, split_part, tar_end_ok
-from clipkit.data.views import ViewSpec, crops_and_views, make_views
+from clipkit.data.views import ViewSpec, all_views, crops_and_views
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +246,13 @@ class _Reader:
         return out
 
     def _decode_views(self, sample: dict[str, Any], img_bytes: bytes) -> dict[str, Any] | None:
-        """``{"views": uint8 (V, 3, S, S), "key"[, "cls"]}``; seeded by (seed, epoch, key, view),
+        """``{"views": uint8 (V, 3, S, S), "key"[, "small_views", "cls"]}``; seeded by (seed,
+        epoch, key, view),
         not by the stream position, so a sample's views do not depend on workers or ranks."""
         s, key = self.s, sample["__key__"]
         assert s.views is not None
         try:
-            views = make_views(
+            _, views, small = all_views(
                 img_bytes,
                 s.image_size,
                 s.views,
@@ -264,6 +265,8 @@ class _Reader:
             self._count("corrupt_image", f"{key}: {err}")
             return None
         out: dict[str, Any] = {"views": views, "key": key}
+        if small is not None:
+            out["small_views"] = small  # (V_small, 3, s, s): SwAV's multi-crop
         self._label(sample, out)
         self.good_in_pass += 1
         return out
@@ -294,6 +297,8 @@ class _Reader:
             batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S) uint8
         if s.views is not None:
             batch["views"] = torch.stack([it["views"] for it in items], dim=1)  # (V, B, 3, S, S)
+            if "small_views" in items[0]:  # (V_small, B, 3, s, s)
+                batch["small_views"] = torch.stack([it["small_views"] for it in items], dim=1)
         batch["key"] = [it["key"] for it in items]
         if s.tokenizer is not None and all("text" in it for it in items):
             batch["text"] = s.tokenizer([it["text"] for it in items])  # (B, L)

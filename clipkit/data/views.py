@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -127,6 +127,11 @@ class ViewSpec:
     recipes: tuple[ViewRecipe, ...] | str
     views: int = 2
     name: str = "custom"
+    # Multi-crop (SwAV, Caron et al. 2020): small crops beside the V views, at their own side
+    # (``small_size`` px) and crop scale; small crop j follows recipe(j) with that scale.
+    small_views: int = 0
+    small_size: int = 0
+    small_scale: tuple[float, float] = (0.05, 0.14)
 
     def __post_init__(self) -> None:
         if isinstance(self.recipes, str):  # a name of RECIPES: ViewSpec("byol", 2)
@@ -142,6 +147,15 @@ class ViewSpec:
             )
         if not self.recipes:
             raise ValueError("views: a view spec needs at least one recipe")
+        if self.small_views < 0 or (self.small_views > 0) != (self.small_size > 0):
+            raise ValueError(
+                f"views: small crops need both a count and a side >= 1 "
+                f"(small_views={self.small_views}, small_size={self.small_size})"
+            )
+
+    def small_recipe(self, j: int) -> ViewRecipe:
+        """The recipe of small crop ``j``: view ``j``'s with the small crop scale."""
+        return replace(self.recipe(j), scale=self.small_scale)
 
     def recipe(self, view: int) -> ViewRecipe:
         """The recipe of view ``view``."""
@@ -367,10 +381,13 @@ def _pil_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
 def view_params(
     spec: ViewSpec, seed: int, epoch: int, key: str, height: int, width: int
 ) -> list[ViewParams]:
-    """The parameters of every view of sample ``key`` on a ``height x width`` image."""
+    """The parameters of every view of sample ``key`` on a ``height x width`` image: the V
+    views, then the small crops (seeded as views ``V, V + 1, ...``)."""
+    recipes = [spec.recipe(v) for v in range(spec.views)]
+    recipes += [spec.small_recipe(j) for j in range(spec.small_views)]
     return [
-        draw_params(view_generator(seed, epoch, key, v), height, width, spec.recipe(v))
-        for v in range(spec.views)
+        draw_params(view_generator(seed, epoch, key, v), height, width, r)
+        for v, r in enumerate(recipes)
     ]
 
 
@@ -419,7 +436,27 @@ def crops_and_views(
     fast: bool = True,
     crops: Callable[[int, int], list[Box]] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Plain crops (no photometric ops) and the ``V`` views of one image, from ONE decode.
+    """Plain crops (no photometric ops) and the ``V`` views of one image, from ONE decode
+    (see :func:`all_views`; the small crops of a multi-crop spec are dropped)."""
+    plain, views, _ = all_views(
+        data, size, spec, seed=seed, epoch=epoch, key=key, fast=fast, crops=crops
+    )
+    return plain, views
+
+
+def all_views(
+    data: bytes,
+    size: int,
+    spec: ViewSpec,
+    *,
+    seed: int,
+    epoch: int,
+    key: str,
+    fast: bool = True,
+    crops: Callable[[int, int], list[Box]] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Plain crops (no photometric ops), the ``V`` views and the small crops of one image, from
+    ONE decode.
 
     SLIP trains on the caption's crop and two SimCLR views of the same image: the JPEG is
     DCT-scaled once to the smallest size that covers every box (crops and views).
@@ -431,7 +468,8 @@ def crops_and_views(
             own random source, so its box is the one the caption loader draws); None: none.
 
     Returns:
-        ``([uint8 (3, S, S) per crop box], uint8 (V, 3, S, S) views)``.
+        ``([uint8 (3, S, S) per crop box], uint8 (V, 3, S, S) views, uint8 (V_small, 3, s, s)
+        small crops or None)``.
 
     Raises:
         clipkit.data.decode.DecodeError: undecodable bytes.
@@ -446,8 +484,15 @@ def crops_and_views(
         params.extend(view_params(spec, seed, epoch, key, height, width))
         return plain + [p.box for p in params]
 
-    out = crop_boxes(data, size, boxes, fast)  # crops, then V views: (3, S, S) uint8 each
-    views = torch.stack(
-        [apply_params(c, p, spec.recipe(v)) for v, (c, p) in enumerate(zip(out[n_crops:], params))]
-    )  # (V, 3, S, S)
-    return out[:n_crops], views
+    def side(i: int) -> int:  # crops and views at S, then the small crops at s
+        return spec.small_size if i >= n_crops + spec.views else size
+
+    # crops, then V views (3, S, S), then small crops (3, s, s): uint8 each
+    out = crop_boxes(data, size, boxes, fast, sizes=side)
+    done = [
+        apply_params(c, p, spec.recipe(v) if v < spec.views else spec.small_recipe(v - spec.views))
+        for v, (c, p) in enumerate(zip(out[n_crops:], params))
+    ]
+    views = torch.stack(done[: spec.views])  # (V, 3, S, S)
+    small = torch.stack(done[spec.views :]) if spec.small_views else None  # (V_small, 3, s, s)
+    return out[:n_crops], views, small

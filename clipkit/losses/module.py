@@ -25,7 +25,7 @@ from clipkit.losses.moco import check_queue_size, moco_rows
 from clipkit.losses.ntxent import nt_xent_scaled, nt_xent_sharded, unit
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
-from clipkit.losses.swav import Crops, check_swav_options, swav_rows
+from clipkit.losses.swav import check_swav_options, swav_rows
 
 
 class ContrastiveLoss(nn.Module):
@@ -634,8 +634,9 @@ class SwAVLoss(NonContrastiveLoss):
 
     Queue (SwAV's option for small batches): the queued features and the prototypes are the
     task's state, so the task scores its queue with the current prototypes and hands the
-    scores over with :meth:`set_queue_scores` before the step's loss; they join the Sinkhorn
-    rows of their crop (each rank its own queue, as the paper's code) and are used once.
+    scores over as ``extra["queue"]`` ``(2, Q, K)`` (a step-wide input:
+    ``Embeddings.shared``); they join the Sinkhorn rows of their crop (each rank its own
+    queue, as the paper's code) and carry no gradient.
 
     Args:
         temperature: softmax temperature of the predictions (SwAV: 0.1), fixed.
@@ -647,7 +648,7 @@ class SwAVLoss(NonContrastiveLoss):
     """
 
     name = "swav"
-    extra_names = frozenset({"low_res"})
+    extra_names = frozenset({"low_res", "queue"})
 
     def __init__(
         self,
@@ -661,7 +662,6 @@ class SwAVLoss(NonContrastiveLoss):
         self.temperature = float(temperature)
         self.epsilon = float(sinkhorn_epsilon)
         self.iterations = int(sinkhorn_iterations)
-        self._queue: Crops | None = None
 
     @classmethod
     def from_config(cls, cfg: LossConfig) -> SwAVLoss:
@@ -678,11 +678,6 @@ class SwAVLoss(NonContrastiveLoss):
             sinkhorn_iterations=cfg.sinkhorn_iterations,
         )
 
-    def set_queue_scores(self, scores: Crops | None) -> None:
-        """Scores ``(2, Q, K)`` (or two ``(Q, K)``) of this rank's queued high-resolution
-        features under the current prototypes, for the next forward only (no gradient)."""
-        self._queue = None if scores is None else [s.detach() for s in scores]
-
     def forward(
         self,
         q: torch.Tensor,
@@ -693,8 +688,8 @@ class SwAVLoss(NonContrastiveLoss):
         logit_bias: torch.Tensor | None = None,
         extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """SwAV loss of the high-resolution scores ``q``, ``k`` ``(n, K)`` and ``extra``'s
-        ``low_res`` ``(n, V_lo, K)``.
+        """SwAV loss of the high-resolution scores ``q``, ``k`` ``(n, K)``, ``extra``'s
+        ``low_res`` ``(n, V_lo, K)`` and ``queue`` ``(2, Q, K)``.
 
         Raises:
             ValueError: shapes, unknown extra inputs, contrastive inputs.
@@ -706,7 +701,13 @@ class SwAVLoss(NonContrastiveLoss):
                 f"swav extra['low_res'] must be (n, V_lo, K) with n={q.shape[0]}, "
                 f"got {tuple(low.shape)}"
             )
-        queue, self._queue = self._queue, None  # used once: never a stale step's queue
+        queue = extra.get("queue")
+        if queue is not None:
+            if queue.dim() != 3 or queue.shape[0] != 2 or queue.shape[2] != q.shape[1]:
+                raise ValueError(
+                    f"swav extra['queue'] must be (2, Q, K={q.shape[1]}), got {tuple(queue.shape)}"
+                )
+            queue = [queue[0].detach(), queue[1].detach()]  # (Q, K) each: codes only
         rows = swav_rows(
             [q, k],
             None if low is None else low.transpose(0, 1),  # (V_lo, n, K)

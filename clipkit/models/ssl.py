@@ -233,13 +233,16 @@ class SSLModel(nn.Module):
         predict: bool = False,
         normalize: bool = True,
         scores: bool = False,
-    ) -> torch.Tensor:
+        with_projection: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The projection ``(B, P)`` of normalised images ``(B, 3, S, S)``.
 
         Args:
             predict: through the predictor (BYOL, MoCo v3) when the head has one.
             normalize: L2-normalise the output (Barlow Twins standardises raw projections).
             scores: SwAV: the unit projection's cosine similarity to each prototype ``(B, K)``.
+            with_projection: with ``scores``, return ``(scores (B, K), unit projection (B, P))``
+                (SwAV's queue stores the projections).
         """
         z = self.project(image)
         if predict and self.predictor is not None:
@@ -247,7 +250,9 @@ class SSLModel(nn.Module):
         if scores:
             if self.prototypes is None:
                 raise ValueError(f"ssl.head={self.config['head']} has no prototypes")
-            return self.prototypes(F.normalize(z, dim=-1))  # (B, K), prototypes unit-norm
+            u = F.normalize(z, dim=-1)  # (B, P)
+            s = self.prototypes(u)  # (B, K), prototypes unit-norm
+            return (s, u) if with_projection else s
         return F.normalize(z, dim=-1) if normalize else z
 
     @torch.no_grad()

@@ -36,6 +36,11 @@ class RandState:
 Embedded = dict[str, Any]
 # Shared by all micro-batches (not concatenated): their gradient is pushed once per step.
 SCALARS = ("logit_scale", "logit_bias")
+SHARED = "shared/"  # prefix of a task's other step-wide inputs (any shape), treated the same
+
+
+def _shared(name: str) -> bool:
+    return name in SCALARS or name.startswith(SHARED)
 
 
 def widen(t: torch.Tensor) -> torch.Tensor:
@@ -66,10 +71,12 @@ def gradcache_step(
     Args:
         micro_batches: the step's micro-batches.
         embed: micro-batch -> ``{"q" (b, D), "k" (b, D), ["hard_negatives" (b*h, D)],
-            ["logit_scale" ()], ["logit_bias" ()], [any other name: (b', ...)]}`` from the
-            (wrapped) model's forward. Every tensor except the two scalars is concatenated over
-            micro-batches along its first dimension (so a task's extra row tensors, e.g.
-            ``"extra/view1"``, take the same exact path as ``q`` and ``k``).
+            ["logit_scale" ()], ["logit_bias" ()], ["shared/<name>" any shape],
+            [any other name: (b', ...)]}`` from the (wrapped) model's forward. The scalars and
+            ``shared/`` inputs are the step's (taken from the first micro-batch, gradient pushed
+            once); every other tensor is concatenated over micro-batches along its first
+            dimension (so a task's extra row tensors, e.g. ``"extra/view1"``, take the same
+            exact path as ``q`` and ``k``).
         loss_fn: concatenated embeddings -> scalar loss (handles distributed gather itself).
         backward: ``accelerator.backward``.
         no_sync: context manager suppressing DDP's gradient all-reduce (all but the last replay).
@@ -81,14 +88,17 @@ def gradcache_step(
             states.append(RandState())
             cached.append(embed(mb))
     # (2) loss on the full batch; gradients w.r.t. the embeddings (and the scale/bias leaves).
-    names = [n for n, t in cached[0].items() if n not in SCALARS and t is not None]
+    names = [n for n, t in cached[0].items() if not _shared(n) and t is not None]
+    shared = [n for n, t in cached[0].items() if _shared(n) and t is not None]
     leaves = {n: widen(torch.cat([c[n] for c in cached])).detach().requires_grad_() for n in names}
-    for n in SCALARS:
-        if cached[0].get(n) is not None:
-            leaves[n] = widen(cached[0][n]).detach().requires_grad_()
+    for n in shared:
+        t = widen(cached[0][n]).detach()
+        # Floating inputs become leaves (a gradient, if the loss gives one, is pushed once).
+        leaves[n] = t.requires_grad_() if t.is_floating_point() else t
     loss = loss_fn(leaves)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    gmap = dict(zip(leaves.keys(), grads))
+    diff = {n: t for n, t in leaves.items() if t.requires_grad}
+    grads = torch.autograd.grad(loss, list(diff.values()), allow_unused=True)
+    gmap = dict(zip(diff.keys(), grads))
     # (3) replay each micro-batch with autograd and push the cached gradients through it.
     offsets = {n: 0 for n in names}
     last = len(micro_batches) - 1
@@ -105,7 +115,7 @@ def gradcache_step(
             # The scale/bias are shared by all micro-batches: push their gradient once, and a
             # zero elsewhere so every replay uses every parameter (DDP insists on that when a
             # wrapper syncs each backward, e.g. a 1-process DDP).
-            for n in SCALARS:
+            for n in shared:
                 if gmap.get(n) is not None:
                     piece[n] = gmap[n] if i == last else torch.zeros_like(gmap[n])
             backward(_surrogate(out, piece))

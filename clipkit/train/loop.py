@@ -141,12 +141,17 @@ def train(cfg: Config) -> dict[str, Any]:
             "logit_bias": e.logit_bias,
         }
         out.update({f"extra/{name}": t for name, t in e.extra.items()})
+        out.update({f"shared/{name}": t for name, t in e.shared.items()})
         return out
 
     def compute_loss(e: dict[str, Any]) -> torch.Tensor:
         # The loss runs in at least float32 (bf16/fp16 embeddings widened; float64 kept).
         hn = e.get("hard_negatives")
-        extra = {n[len("extra/") :]: widen(t) for n, t in e.items() if n.startswith("extra/")}
+        extra = {
+            n.split("/", 1)[1]: widen(t)
+            for n, t in e.items()
+            if n.startswith(("extra/", "shared/")) and t is not None
+        }
         return loss_fn(
             widen(e["q"]),
             widen(e["k"]),

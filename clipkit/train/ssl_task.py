@@ -97,6 +97,14 @@ class _ImageSSLTask(Task):
         """Views, loss and kNN sets fit the task (one line each, before any step)."""
         if cfg.ssl.views < 2:
             raise ValueError(f"ssl.views={cfg.ssl.views}: {self.name} needs at least 2 views")
+        # Only SwAV uses more than two views; elsewhere they would be decoded and dropped.
+        if self.name != "swav" and (cfg.ssl.views > 2 or cfg.ssl.small_views):
+            raise ValueError(
+                f"ssl.views={cfg.ssl.views}, ssl.small_views={cfg.ssl.small_views}: task="
+                f"{self.name} trains on 2 views (more views and small crops: task=swav)"
+            )
+        if len(cfg.ssl.small_scale) != 2:
+            raise ValueError(f"ssl.small_scale={cfg.ssl.small_scale}: give [min, max]")
         losses = DEFAULTS[self.variant(cfg)][2]
         if cfg.loss.name not in losses:
             what = self.variant(cfg).replace("moco_v3", "moco with ssl.moco_version=3")
@@ -130,7 +138,13 @@ class _ImageSSLTask(Task):
             seed=cfg.train.seed,
             rank=rank,
             world_size=world_size,
-            views=ViewSpec(self.recipe(cfg), cfg.ssl.views),
+            views=ViewSpec(
+                self.recipe(cfg),
+                cfg.ssl.views,
+                small_views=cfg.ssl.small_views,
+                small_size=cfg.ssl.small_size,
+                small_scale=(cfg.ssl.small_scale[0], cfg.ssl.small_scale[1]),
+            ),
         )
 
     def _pair(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,25 +333,54 @@ class BarlowTwinsTask(_ImageSSLTask):
 class SwAVTask(_ImageSSLTask):
     """SwAV (Caron et al. 2020): each view's prototype scores predict the Sinkhorn codes of the
     other high-resolution views (``loss.name=swav``). Views 1-2 are the high-resolution crops;
-    further views (``ssl.views > 2``) enter the loss as extra crops that are predicted but give
-    no codes (``extra["low_res"]``). The prototypes are unit-norm after every step and frozen
-    for the first ``ssl.freeze_prototypes_steps`` steps."""
+    further views (``ssl.views > 2``) and the multi-crop's small crops (``ssl.small_views`` at
+    ``ssl.small_size`` px) are predicted but give no codes (``extra["low_res"]``). The
+    prototypes are unit-norm after every step and frozen for the first
+    ``ssl.freeze_prototypes_steps`` steps."""
 
     name = "swav"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: SwAVQueue | None = None
+
     def build_model(self, cfg: Config) -> nn.Module:
+        """The student; with ``ssl.queue_size`` also this rank's queue (checkpointed, not DDP)."""
         self._freeze_steps = cfg.ssl.freeze_prototypes_steps
+        if cfg.ssl.queue_size < 0 or cfg.ssl.queue_start_steps < 0:
+            raise ValueError(
+                f"ssl.queue_size={cfg.ssl.queue_size}, ssl.queue_start_steps="
+                f"{cfg.ssl.queue_start_steps}: both must be >= 0"
+            )
+        if cfg.ssl.queue_size:
+            self.queue = SwAVQueue(cfg.ssl.queue_size, cfg.ssl.queue_start_steps)
         return super().build_model(cfg)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"swav_queue": self.queue} if self.queue is not None else {}
 
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Embeddings:
         views = self._normalize(batch["views"])  # (V, B, 3, S, S) from uint8
-        s1 = model(views[0], scores=True)  # (B, K)
-        s2 = model(views[1], scores=True)  # (B, K)
+        if self.queue is None:
+            s1 = model(views[0], scores=True)  # (B, K)
+            s2 = model(views[1], scores=True)  # (B, K)
+        else:
+            s1, u1 = model(views[0], scores=True, with_projection=True)  # (B, K), (B, P)
+            s2, u2 = model(views[1], scores=True, with_projection=True)
+            self.queue.remember(u1, u2)
         # The guard watches the scores: the projections collapse iff their scores do.
         out = Embeddings(q=self.watch(s1), k=s2)
-        if views.shape[0] > 2:
-            low = torch.stack([model(v, scores=True) for v in views[2:]], 1)  # (B, V-2, K)
-            out.extra["low_res"] = low
+        if self.queue is not None:
+            scores = self.queue.scores(_unwrap(model).prototypes.weight)  # (2, Q, K) or None
+            if scores is not None:
+                out.shared["queue"] = scores
+        # Further views at full size, then the small crops (their own side): predicted only.
+        low = [model(v, scores=True) for v in views[2:]]  # (B, K) each
+        if "small_views" in batch:
+            small = self._normalize(batch["small_views"])  # (V_small, B, 3, s, s)
+            low += [model(v, scores=True) for v in small]
+        if low:
+            out.extra["low_res"] = torch.stack(low, 1)  # (B, V - 2 + V_small, K)
         return out
 
     def before_update(self, model: nn.Module, step: int) -> None:
@@ -348,7 +391,58 @@ class SwAVTask(_ImageSSLTask):
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
         _unwrap(model).normalize_prototypes_()
-        return super().after_step(model, step, total_steps)
+        logs = super().after_step(model, step, total_steps)
+        if self.queue is not None:
+            logs["swav_queue_filled"] = float(self.queue.step())
+        return logs
 
 
-__all__ = ["BYOLTask", "BarlowTwinsTask", "MoCoTask", "SimCLRTask", "SwAVTask"]
+class SwAVQueue(nn.Module):
+    """SwAV's per-rank queue of past unit projections of the two large crops (Caron et al.
+    2020, App. for small batches): buffers, so checkpoints carry it and a resume is exact.
+
+    Scored with the current prototypes at every step (:meth:`scores`), the queue only adds
+    Sinkhorn rows: the batch's codes see more samples, no gradient flows into it. Rows are
+    pushed after each step (:meth:`step`) once ``start`` steps are done and used once full.
+    """
+
+    def __init__(self, size: int, start: int = 0) -> None:
+        super().__init__()
+        from clipkit.losses.queue import NegativeQueue
+
+        self.crops = nn.ModuleList([NegativeQueue(size), NegativeQueue(size)])
+        self.start = int(start)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # This step's projections: GradCache embeds each micro-batch twice (without autograd,
+        # then replayed); the first pass's rows are kept, the direct path's otherwise.
+        self._pending: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {
+            False: [],
+            True: [],
+        }
+
+    def remember(self, u1: torch.Tensor, u2: torch.Tensor) -> None:
+        """Keep the micro-batch's projections ``(B, P)`` for the push after the step."""
+        self._pending[torch.is_grad_enabled()].append((u1.detach(), u2.detach()))
+
+    def scores(self, prototypes: torch.Tensor) -> torch.Tensor | None:
+        """``(2, Q, K)`` scores of the full queue under ``prototypes (K, P)``; None until full."""
+        rows = [c.get() for c in self.crops]
+        if any(r is None or r.shape[0] < c.size for r, c in zip(rows, self.crops)):
+            return None
+        w = prototypes.detach()  # (K, P)
+        return torch.stack([r.to(w.dtype) @ w.T for r in rows])  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """After an optimiser step: push its projections (once ``start`` steps are done);
+        returns the rows filled."""
+        pending = self._pending[False] or self._pending[True]
+        if int(self.steps) >= self.start:
+            for i, crop in enumerate(self.crops):
+                crop.push(torch.cat([p[i] for p in pending]))
+        self.steps += 1
+        self._pending = {False: [], True: []}
+        return int(self.crops[0].filled)
+
+
+__all__ = ["BYOLTask", "BarlowTwinsTask", "MoCoTask", "SimCLRTask", "SwAVQueue", "SwAVTask"]

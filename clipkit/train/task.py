@@ -30,7 +30,10 @@ class Embeddings:
     ``extra`` holds further named inputs of the loss whose first dimension is the micro-batch's
     rows (e.g. SLIP's two image views ``(B, P)`` each, SwAV's small crops ``(B, V, K)``): GradCache
     concatenates each over micro-batches like ``q`` and ``k``, and the loop hands them to the
-    loss as ``extra={name: tensor}`` (only when there are any).
+    loss as ``extra={name: tensor}`` (only when there are any). ``shared`` holds inputs that are
+    the same for every micro-batch of a step and not per row (e.g. SwAV's queue scored by the
+    current prototypes ``(2, Q, K)``): taken from the first micro-batch like the logit scale,
+    and handed to the loss in the same ``extra`` dict (names must not clash).
     """
 
     q: torch.Tensor  # (B, D)
@@ -39,6 +42,7 @@ class Embeddings:
     logit_scale: torch.Tensor | None = None  # () exponentiated
     logit_bias: torch.Tensor | None = None  # () SigLIP only
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, ...)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> any shape
 
 
 @runtime_checkable

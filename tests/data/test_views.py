@@ -352,3 +352,32 @@ def test_contact_sheet(cifar_tar, tmp_path):
 
     assert Image.open(out).size == (4 * 32, 4 * 32)  # eval crop + 3 views, 4 rows
     assert main([str(cifar_tar), "--views", "1"]) == 2
+
+
+# -- multi-crop (SwAV) ----------------------------------------------------------------------------
+def test_multi_crop_small_views_have_their_side_scale_and_seeds(photos):
+    from clipkit.data.views import all_views, view_params
+
+    spec = ViewSpec("swav", 2, small_views=3, small_size=16)
+    plain, views, small = all_views(photos[1], 32, spec, seed=1, epoch=0, key="k")
+    assert plain == [] and views.shape == (2, 3, 32, 32) and small.shape == (3, 3, 16, 16)
+    assert small.dtype == torch.uint8
+    # The V views are those of the same spec without small crops (seeds 0..V-1 unchanged).
+    assert torch.equal(views, make_views(photos[1], 32, ViewSpec("swav", 2), seed=1, epoch=0,
+                                         key="k"))  # fmt: skip
+    # Small crops draw boxes of area fraction within small_scale (seeded as views 2, 3, 4).
+    params = view_params(spec, 1, 0, "k", 240, 320)
+    assert len(params) == 5
+    for p in params[2:]:
+        top, left, h, w = p.box
+        assert 0.05 * 0.999 <= h * w / (240 * 320) <= 0.14 * 1.001
+    for bad in (dict(small_views=2), dict(small_size=8), dict(small_views=-1, small_size=8)):
+        with pytest.raises(ValueError, match="small crops need"):
+            ViewSpec("swav", 2, **bad)
+
+
+def test_loader_batches_carry_small_views(cifar_tar):
+    spec = ViewSpec("swav", 2, small_views=2, small_size=16)
+    b = next(iter(_loader(str(cifar_tar), workers=0, batch=4, views=spec)))
+    assert b["views"].shape == (2, 4, 3, 32, 32)
+    assert b["small_views"].shape == (2, 4, 3, 16, 16) and b["small_views"].dtype == torch.uint8

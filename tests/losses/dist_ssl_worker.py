@@ -97,8 +97,8 @@ def run_case(case: str, rank: int, world: int) -> dict[str, float]:
     rows = torch.arange(start, start + SIZES[rank])
     loss_fn = build_loss(cfg)
     q, k, extra, queue = _inputs(name, p, x, rows, rank)
-    if use_queue:
-        loss_fn.set_queue_scores(queue)
+    if use_queue:  # a step-wide input (Embeddings.shared), handed over in extra as the loop does
+        extra = {**extra, "queue": torch.stack(list(queue))}  # (2, Q, K)
     local = loss_fn(q, k, **({"extra": extra} if extra else {}))
     local.backward()
     grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}

@@ -129,14 +129,13 @@ def test_module_takes_rows_first_small_crops_and_matches_lightly():
     _check(loss_fn(s1, s2), ref, [s1, s2])
 
 
-def test_module_queue_hook_is_used_once():
+def test_module_queue_input_joins_the_sinkhorn_rows():
     loss_fn = _module()
     g = torch.Generator().manual_seed(4)
     (s1, s2), queue = _scores(2, 6, 15, g), _scores(2, 24, 15, g)
-    loss_fn.set_queue_scores(torch.stack(queue))  # (2, Q, K)
     ref = lightly_loss.SwaVLoss()([s1, s2], [], [q.detach() for q in queue])
-    _check(loss_fn(s1, s2), ref, [s1, s2])
-    _check(loss_fn(s1, s2), lightly_loss.SwaVLoss()([s1, s2], []), [s1, s2])  # gone
+    _check(loss_fn(s1, s2, extra={"queue": torch.stack(queue)}), ref, [s1, s2])  # (2, Q, K)
+    _check(loss_fn(s1, s2), lightly_loss.SwaVLoss()([s1, s2], []), [s1, s2])  # not kept
 
 
 def test_module_and_config_errors():
@@ -144,7 +143,9 @@ def test_module_and_config_errors():
     s = torch.randn(4, 5)
     with pytest.raises(ValueError, match=r"low_res'\] must be \(n, V_lo, K\) with n=4"):
         loss_fn(s, s, extra={"low_res": torch.randn(3, 2, 5)})
-    with pytest.raises(ValueError, match=r"unknown extra inputs \['queue'\]; valid: low_res"):
+    with pytest.raises(ValueError, match=r"unknown extra inputs \['crops'\]; valid: low_res"):
+        loss_fn(s, s, extra={"crops": s})
+    with pytest.raises(ValueError, match=r"queue'\] must be \(2, Q, K=5\)"):
         loss_fn(s, s, extra={"queue": s})
     with pytest.raises(ValueError, match="takes no logit_scale"):
         loss_fn(s, s, logit_scale=torch.tensor(10.0))

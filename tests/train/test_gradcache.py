@@ -143,3 +143,38 @@ def test_gradcache_extra_row_tensors_equal_full_batch():
     for n, p in towers.named_parameters():
         err = (p.grad - ref[n]).norm() / ref[n].norm()
         assert err < 1e-12, (n, err.item())
+
+
+def test_gradcache_shared_inputs_are_the_steps_and_get_their_gradient_once():
+    """A task's step-wide input ("shared/<name>", any shape, the same for every micro-batch,
+    e.g. SwAV's queue scores) is not concatenated, and a differentiable one gets its exact
+    gradient once (float64, norm-wise 1e-12)."""
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleDict({n: torch.nn.Linear(6, 4).double() for n in ("q", "k")})
+    mix = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    x = torch.randn(9, 6, dtype=torch.float64)
+
+    def embed(mb):
+        return {
+            "q": F.normalize(towers["q"](mb["x"]), dim=-1),
+            "k": F.normalize(towers["k"](mb["x"]), dim=-1),
+            "shared/mix": mix * 1.0,  # (4, 4): one per step, not per row
+            "shared/fixed": torch.ones(2, 3, dtype=torch.float64),  # no autograd path
+        }
+
+    def loss_fn(e):
+        assert e["shared/mix"].shape == (4, 4) and e["shared/fixed"].shape == (2, 3)
+        base = _naive_loss({**e, "logit_scale": torch.tensor(10.0, dtype=torch.float64)})
+        return base + (e["q"] @ e["shared/mix"] @ e["k"].T).sum() + e["shared/fixed"].sum()
+
+    params = [*towers.parameters(), mix]
+    loss_fn(embed({"x": x})).backward()
+    ref = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    from clipkit.train.gradcache import gradcache_step
+
+    micro = [{"x": x[:4]}, {"x": x[4:]}]
+    gradcache_step(micro, embed, loss_fn, lambda t: t.backward(), contextlib.nullcontext)
+    for p, r in zip(params, ref):
+        assert (p.grad - r).norm() / r.norm() < 1e-12

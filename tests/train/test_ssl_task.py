@@ -4,6 +4,7 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def cifar(data_root, tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    config = f"{task}_cifar10"
+    config = f"{task.removesuffix('_queue')}_cifar10"
     return [
         "--config",
         str(REPO / "configs" / f"{config}.yaml"),
@@ -67,7 +68,10 @@ def _args(task: str, cifar: dict[str, Path], out: Path, *extra: str) -> list[str
         "ssl.proj_dim=32",
         "optim.lr=0.06",
         *(["loss.queue_size=64"] if task == "moco" else []),
-        *(["ssl.prototypes=16", "ssl.freeze_prototypes_steps=1"] if task == "swav" else []),
+        *(["ssl.prototypes=16", "ssl.freeze_prototypes_steps=1"] if "swav" in task else []),
+        # SwAV's queue: 2 pushes of 16 rows (after steps 2 and 3), so step 4 uses it: the
+        # resumed run must restore the half-filled queue of the step-2 checkpoint.
+        *(["ssl.queue_size=32", "ssl.queue_start_steps=1"] if task == "swav_queue" else []),
         *extra,
     ]
 
@@ -116,7 +120,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", [*TASKS, "swav_queue"])
 def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
     """Weights, momentum teacher and queue of a killed + resumed run equal the uninterrupted."""
     common = ["train.max_steps=4", "train.checkpoint_every=2", "eval.knn=", "eval.knn_train="]
@@ -132,9 +136,12 @@ def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
     a, b = _state(ref), _state(run)
     assert a.keys() == b.keys()
     assert any(k.startswith("teacher.") for k in a) == (task in TEACHER)
-    assert any("prototypes" in k for k in a) == (task == "swav")
+    assert any("prototypes" in k for k in a) == ("swav" in task)
     for k in a:
         assert (a[k].double() - b[k].double()).abs().max().item() <= 1e-6, k
+    if task == "swav_queue":  # the task's queue: an extra module, checkpointed like a teacher
+        logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [x["train/swav_queue_filled"] for x in logs if "train/loss" in x][-1] == 32
     if task == "moco":  # the queue lives in the loss module's checkpointed state
         qa = torch.load(ref / "checkpoints" / "step_0000004" / "custom_checkpoint_1.pkl")
         qb = torch.load(run / "checkpoints" / "step_0000004" / "custom_checkpoint_1.pkl")
@@ -151,6 +158,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
         ("ssl.backbone=vgg11", "unknown ssl.backbone 'vgg11'"),
         ("loss.name=infonce", "loss.name=infonce: task=simclr trains with nt_xent"),
         ("loss.queue_size=100", "queue_size=100"),  # not a multiple of the 32 keys per step
+        ("ssl.views=3", "task=simclr trains on 2 views"),  # never decoded and dropped
     ],
 )
 def test_bad_ssl_settings_are_one_line(override, needle, cifar, tmp_path, capsys):
@@ -193,3 +201,14 @@ def test_byol_without_predictor_collapses_and_the_guard_warns(cifar, tmp_path, c
                (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]  # fmt: skip
     # The metric fell from a spread start to below the threshold exactly at the warned step.
     assert spreads[0] > 0.3 and spreads[step - 1] < 0.1 <= min(spreads[: step - 1])
+
+
+def test_swav_with_multi_crop_small_views_trains(cifar, tmp_path):
+    """2 large crops + 2 small 16 px crops per image: the small crops' scores reach the loss."""
+    run = tmp_path / "multicrop"
+    argv = _args("swav", cifar, run, "eval.knn=", "eval.knn_train=", "train.max_steps=2",
+                 "ssl.small_views=2", "ssl.small_size=16")  # fmt: skip
+    assert main(argv) == 0
+    losses = [json.loads(x)["train/loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in x]  # fmt: skip
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
