@@ -203,6 +203,24 @@ COMMANDS: dict[str, Run] = {
         extra=TINY_SSL + " loss.queue_size=64",
         how="as simclr, queue of 64 keys",
     ),
+    "accelerate launch scripts/train.py --config configs/byol_cifar10.yaml": Run(
+        "byol",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_SSL,
+        how="as simclr",
+    ),
+    "accelerate launch scripts/train.py --config configs/barlow_twins_cifar10.yaml": Run(
+        "barlow_twins",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_SSL,
+        how="as simclr",
+    ),
+    "accelerate launch scripts/train.py --config configs/swav_cifar10.yaml": Run(
+        "swav",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_SSL + " ssl.prototypes=16",
+        how="as simclr, 16 prototypes",
+    ),
     "clipkit embed --model runs/mine --input 'shards/{00000..00127}.tar' --output emb/": Run(
         "embed", subs=((SHARDS_README, SHARDS_TEST),), how="the run and shards above"
     ),
@@ -496,7 +514,7 @@ def test_eval_retrieval(trained, work: Path, env: dict[str, str]) -> None:
 
 # --------------------------------------------------------------------------- image self-supervision
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["simclr", "moco"])
+@pytest.mark.parametrize("name", ["simclr", "moco", "byol", "barlow_twins", "swav"])
 def test_image_ssl(name: str, work: Path, env: dict[str, str]) -> None:
     out = ok(run_readme(name, work, env))
     run = work / "runs" / f"{name}_cifar10"
