@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -415,9 +416,30 @@ def check_common(args: argparse.Namespace) -> None:
     if getattr(args, "bootstrap", 0) < 0:
         raise ValueError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
     if args.output:
-        out_dir = Path(args.output).expanduser().resolve().parent
-        if not out_dir.is_dir():
-            raise ValueError(f"--output folder does not exist: {out_dir}")
+        check_output_file(args.output)
+
+
+def check_output_file(path: str, flag: str = "--output") -> None:
+    """Fail in one line, before any work, when ``path`` cannot take the result file.
+
+    A folder in its place, a missing parent or an unwritable parent (probed by creating and
+    removing a file there: permission bits say nothing for root or read-only mounts) would
+    otherwise be found only after the whole evaluation (issue 17).
+
+    Raises:
+        ValueError: one line naming ``flag`` and the path.
+    """
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder; give a file path such as {p / 'result.json'}")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} folder does not exist: {p.parent}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.check", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{flag} folder is not writable: {p.parent} ({err.strerror})") from None
 
 
 def run_cli(evaluator: Evaluator, args: argparse.Namespace) -> int:
@@ -477,11 +499,20 @@ def dataset_name(data: str, override: str = "") -> str:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write atomically, so a crash never leaves half a result file."""
+    """Write atomically, so a crash never leaves half a result file.
+
+    Raises:
+        ValueError: the write failed (full disk, a folder in the way), in one line; the
+            temporary file is removed.
+    """
     p = Path(path).expanduser()
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(p)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(p)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot write {p}: {err.strerror or err}") from None
 
 
 __all__ = [
@@ -494,6 +525,7 @@ __all__ = [
     "add_arguments",
     "autocast",
     "check_common",
+    "check_output_file",
     "dataset_name",
     "evaluate",
     "load_model",

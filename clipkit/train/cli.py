@@ -39,8 +39,12 @@ def main(
         from clipkit.train.loop import train
 
         result = train(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as err:
+        # OSError: a disk or file problem the loop did not name itself (it names checkpoint,
+        # export and metrics writes); still one line, never a traceback.
+        _close_progress_bars()
+        if _print_here(err):
+            print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with train.resume=latest", file=sys.stderr)
@@ -64,6 +68,26 @@ def main(
             print(f"error: {k.removesuffix('/error')} failed: {v}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_here(err: BaseException) -> bool:
+    """Whether this process prints ``err``: an error every process raises alike (a config
+    error, an unwritable output) is printed by rank 0 only, so a launch of N processes shows
+    one line, not N."""
+    same_everywhere = isinstance(err, ConfigError) or getattr(err, "all_ranks", False)
+    return not same_everywhere or os.environ.get("RANK", "0") == "0"
+
+
+def _close_progress_bars() -> None:
+    """End the loop's progress bar, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join((str(err).strip() or type(err).__name__).splitlines())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,9 +25,22 @@ from tqdm.auto import tqdm
 from clipkit.config.loader import to_yaml
 from clipkit.config.schema import Config
 from clipkit.losses import build_loss
-from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from clipkit.train.checkpoint import (
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    sweep_stale_checkpoints,
+)
 from clipkit.train.gradcache import widen
 from clipkit.train.optim import build_optimizer, lr_lambda
+from clipkit.train.outputs import (
+    as_write_error,
+    check_output_dir,
+    sweep_stale,
+    truncate_jsonl,
+    write_failed,
+    write_text,
+)
 from clipkit.train.step import step_gradients
 from clipkit.train.task import TrainData, get_task
 
@@ -52,6 +66,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
     run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    check_output_dir(run_dir)  # an unwritable run folder fails now, not at the first checkpoint
     # Under torchrun on a machine without CUDA, Accelerate only forms the gloo process group
     # when told it is a CPU run; otherwise every rank would silently train alone.
     cpu_multi = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -62,6 +77,11 @@ def train(cfg: Config) -> dict[str, Any]:
         project_dir=str(run_dir),
     )
     main = accelerator.is_main_process
+    if main:
+        # What a killed or failed writer left (step_XXXXXXX.tmp, metrics.json.tmp, export.tmp)
+        # holds the space this run is about to need (issue 17: a full disk).
+        sweep_stale_checkpoints(run_dir)
+        sweep_stale(run_dir, "*.tmp")
     if accelerator.device.type == "cuda" and cfg.train.tf32:
         # As open_clip does: TF32 for the fp32 matmuls left under autocast, tuned cuDNN kernels.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -105,9 +125,8 @@ def train(cfg: Config) -> dict[str, Any]:
         extras[name].to(accelerator.device)
         accelerator.register_for_checkpointing(extras[name])
     config_yaml = to_yaml(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        write_text(run_dir / "config.yaml", config_yaml, "config")
     if cfg.train.trackers:
         flat = {k: v for k, v in _flatten(cfg).items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers("clipkit", config=flat)
@@ -119,6 +138,7 @@ def train(cfg: Config) -> dict[str, Any]:
         state = load_checkpoint(accelerator, ckpt)
         step, epoch, samples_seen = state["step"], state["epoch"], state["samples_seen"]
         data.load_state_dict(state["data"][accelerator.process_index])
+        _forget_after(run_dir, step, accelerator, total_steps)
         accelerator.print(f"resumed from {ckpt} at step {step} (epoch {epoch})")
     elif cfg.train.resume and cfg.train.resume != "latest":
         raise ValueError(f"train.resume={cfg.train.resume}: nothing to resume")
@@ -310,9 +330,23 @@ def train(cfg: Config) -> dict[str, Any]:
     if saved_at != step:
         checkpoint()
     if main:
+        # Written beside and renamed into place: a failed export never leaves half a folder.
+        export_tmp, export_dir = run_dir / "export.tmp", run_dir / "export"
+        shutil.rmtree(export_tmp, ignore_errors=True)
         try:
-            task.export(cfg, unwrapped, str(run_dir / "export"))
-        except Exception as err:  # the checkpoint is safe; say what failed and go on
+            task.export(cfg, unwrapped, str(export_tmp))
+            shutil.rmtree(export_dir, ignore_errors=True)
+            export_tmp.rename(export_dir)
+        except Exception as err:  # the checkpoint is safe; say what failed
+            disk = as_write_error(err, run_dir)  # measured before the cleanup frees space
+            shutil.rmtree(export_tmp, ignore_errors=True)
+            if disk is not None:  # the disk, not the model: one line, exit 2
+                raise write_failed(
+                    "export",
+                    export_dir,
+                    disk,
+                    hint="free space, then rerun with train.resume=latest (it only exports)",
+                ) from None
             first = (str(err).splitlines() or [""])[0]
             errors["export/error"] = f"{type(err).__name__}: {first}"
             accelerator.print(f"export failed: {errors['export/error']}")
@@ -325,9 +359,7 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     result["data/stats"] = dict(data.stats)
     if main:
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(run_dir / "metrics.json")
+        write_text(run_dir / "metrics.json", json.dumps(result, indent=1, default=str), "metrics")
     accelerator.end_training()
     return result
 
@@ -346,10 +378,35 @@ def _record(
     history.append({"step": step, **logs})
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
-        with path.open("a") as f:
-            f.write(json.dumps({"step": step, **logs}) + "\n")
+        try:
+            with path.open("a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        except OSError as err:
+            hint = "free space, then resume with train.resume=latest"
+            raise write_failed(f"metrics at step {step}", path.parent, err, hint=hint) from None
         if any(k.startswith("eval/") for k in logs):
             tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+
+
+def _forget_after(run_dir: Path, step: int, accelerator: Accelerator, total_steps: int) -> None:
+    """Drop the log lines that a run resumed at ``step`` writes again, so each step is logged once.
+
+    The resumed run redoes every step after ``step``; at ``step`` itself it writes again only
+    the final evaluation, when nothing is left to train. Lines of the checkpoint's own step
+    (its training log, an evaluation that finished before the kill) are kept.
+    """
+    done = step >= total_steps
+
+    def keep(rec: dict[str, Any]) -> bool:
+        s = rec.get("step", 0)
+        if s != step:
+            return s < step
+        return not done or any(k.startswith("train/") for k in rec)
+
+    if accelerator.is_main_process:
+        truncate_jsonl(run_dir / "metrics.jsonl", keep, "metrics")
+    keys = run_dir / f"keys.rank{accelerator.process_index}.jsonl"
+    truncate_jsonl(keys, lambda rec: rec.get("step", 0) <= step, "train.record_keys")
 
 
 def _flatten(cfg: Config) -> dict[str, Any]:

@@ -1,0 +1,209 @@
+"""A run's outputs on disk: checked before work starts, written whole or not at all.
+
+Issue 17: a full disk used to end a run in a traceback and leave a half-written checkpoint that
+kept the disk full, so ``train.resume=latest`` crashed too. The rules here:
+
+* :func:`check_output_dir` runs before any work: a folder that cannot be created or written is
+  one line naming it.
+* Every write of the trainer (checkpoint, export, metrics) that fails with an ``OSError`` becomes
+  an :class:`OutputError` (:func:`write_failed`): one line naming the folder and, for a full
+  disk, the bytes needed and free; the CLI prints it and exits 2.
+* :func:`sweep_stale` removes what a killed or failed writer left (``*.tmp``) before a run
+  needs space; :func:`truncate_jsonl` rewrites a log atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+class OutputError(ValueError):
+    """An output of the run could not be written; the message is one line naming the folder.
+
+    A ``ValueError`` so the CLIs' one-line error path (exit 2) reports it.
+
+    Attributes:
+        all_ranks: every process raises the same message (printed once, by rank 0).
+    """
+
+    def __init__(self, message: str, *, all_ranks: bool = False) -> None:
+        super().__init__(message)
+        self.all_ranks = all_ranks
+
+
+def human_bytes(n: int) -> str:
+    """``72745123`` -> ``'69.4 MiB'``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover  (the loop always returns)
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files under ``path`` (0 if it is gone)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed while walking
+                total += os.stat(os.path.join(root, name), follow_symlinks=False).st_size
+    return total
+
+
+def _free_bytes(path: Path) -> int | None:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def write_failed(
+    what: str,
+    folder: Path,
+    err: OSError,
+    needed: int | None = None,
+    needed_what: str = "",
+    hint: str = "",
+) -> OutputError:
+    """The one-line :class:`OutputError` for a failed write.
+
+    Args:
+        what: what was being written (``checkpoint step 200``).
+        folder: where.
+        err: the error the write raised.
+        needed: bytes the write needs, when known (e.g. the last complete checkpoint's size).
+        needed_what: where ``needed`` comes from, shown in parentheses.
+        hint: what to do next (``free space, then resume with train.resume=latest``).
+
+    Example:
+        >>> write_failed("metrics", Path("/r"), OSError(errno.ENOSPC, "No space left on device"))
+    """
+    reason = err.strerror or str(err) or type(err).__name__
+    msg = f"{what}: cannot write {folder}: {reason}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        parts = []
+        if needed:
+            src = f", {needed_what}" if needed_what else ""
+            parts.append(f"needs about {human_bytes(needed)} ({needed} bytes{src})")
+        free = _free_bytes(folder)
+        if free is not None:
+            parts.append(f"{human_bytes(free)} free")
+        if parts:
+            msg += "; " + ", ".join(parts)
+    return OutputError(msg + (f"; {hint}" if hint else ""))
+
+
+def as_write_error(err: BaseException, folder: Path) -> OSError | None:
+    """``err`` as the ``OSError`` of a failed write, or None when it is something else.
+
+    ``torch.save`` reports a full disk as ``RuntimeError`` ("unexpected pos ...",
+    "PytorchStreamWriter failed writing file"), safetensors as ``SafetensorError``; neither is an
+    ``OSError``. Such an error counts as ENOSPC when ``folder``'s filesystem is (nearly) full
+    now, measured before anything is cleaned up.
+    """
+    if isinstance(err, OSError):
+        return err
+    free = _free_bytes(folder)
+    if free is not None and free < FULL_BELOW:
+        first = (str(err).strip().splitlines() or [""])[0]
+        return OSError(
+            errno.ENOSPC, f"No space left on device ({type(err).__name__}: {first[:120]})"
+        )
+    return None
+
+
+def check_output_dir(path: Path, name: str = "train.output_dir") -> None:
+    """Create ``path`` if needed and prove it writable, before any work is done.
+
+    A probe file is created and removed: permission bits say nothing for root, and neither they
+    nor ``os.access`` see every read-only mount. A full disk passes (see below).
+
+    Raises:
+        OutputError: one line naming ``name`` and the folder (same on every rank).
+    """
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{name}={path} is a file, not a folder", all_ranks=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Writable, only full: the run first removes what a killed run left (stale .tmp
+            # folders), and a write that still fails names the space it needs.
+            return
+        reason = err.strerror or str(err)
+        raise OutputError(f"{name}={path} is not writable: {reason}", all_ranks=True) from None
+
+
+def sweep_stale(folder: Path, pattern: str = "*.tmp*") -> list[Path]:
+    """Remove what an interrupted writer left in ``folder`` (files or folders); return them.
+
+    Only the run's own temporary names reach here, so nothing a person made is touched.
+    """
+    gone = []
+    if not folder.is_dir():
+        return gone
+    for p in sorted(folder.glob(pattern)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+def write_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` atomically (temp file, then rename); an ``OSError`` is one line.
+
+    Raises:
+        OutputError: the write failed; no temp file is left.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(what, path.parent, err, len(text.encode())) from None
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool], what: str) -> int:
+    """Keep only the JSON lines of ``path`` for which ``keep(record)`` holds (atomically).
+
+    A torn last line (the process died mid-write) is dropped too. Returns the lines dropped.
+
+    Raises:
+        OutputError: the rewrite failed (the old file is intact).
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and keep(rec):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text(path, "".join(x + "\n" for x in kept), what)
+    return dropped
