@@ -101,7 +101,7 @@ def save_checkpoint(
             OSError(*failed),  # the first failing process's error, so all print the same line
             dir_bytes(done[-1]) if done else None,
             f"the size of {done[-1].name}" if done else "",
-            "free space, then resume with train.resume=latest",
+            "resume with train.resume=latest",
         )
         error.all_ranks = True
         raise error

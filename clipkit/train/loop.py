@@ -345,7 +345,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     "export",
                     export_dir,
                     disk,
-                    hint="free space, then rerun with train.resume=latest (it only exports)",
+                    hint="rerun with train.resume=latest (it only exports)",
                 ) from None
             first = (str(err).splitlines() or [""])[0]
             errors["export/error"] = f"{type(err).__name__}: {first}"
@@ -382,7 +382,7 @@ def _record(
             with path.open("a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         except OSError as err:
-            hint = "free space, then resume with train.resume=latest"
+            hint = "resume with train.resume=latest"
             raise write_failed(f"metrics at step {step}", path.parent, err, hint=hint) from None
         if any(k.startswith("eval/") for k in logs):
             tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()))

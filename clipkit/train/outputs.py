@@ -87,7 +87,8 @@ def write_failed(
         err: the error the write raised.
         needed: bytes the write needs, when known (e.g. the last complete checkpoint's size).
         needed_what: where ``needed`` comes from, shown in parentheses.
-        hint: what to do next (``free space, then resume with train.resume=latest``).
+        hint: what to do once the cause is gone (``resume with train.resume=latest``); shown
+            after "free space, then" for a full disk, "fix that, then" otherwise.
 
     Example:
         >>> write_failed("metrics", Path("/r"), OSError(errno.ENOSPC, "No space left on device"))
@@ -104,7 +105,10 @@ def write_failed(
             parts.append(f"{human_bytes(free)} free")
         if parts:
             msg += "; " + ", ".join(parts)
-    return OutputError(msg + (f"; {hint}" if hint else ""))
+    if hint:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        msg += f"; {'free space' if full else 'fix that'}, then {hint}"
+    return OutputError(msg)
 
 
 def as_write_error(err: BaseException, folder: Path) -> OSError | None:

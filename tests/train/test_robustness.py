@@ -115,6 +115,32 @@ def test_enospc_in_checkpoint_is_one_line_and_resume_is_exact(tmp_path, cache, c
     _same_export(ref, run)
 
 
+@pytest.mark.slow
+def test_enospc_on_one_rank_stops_every_rank_in_one_line(tmp_path, cache):
+    """2 gloo processes, only rank 1's write fails: both stop (no hang in a collective), exit 2,
+    the folder is removed, one line is printed (by rank 0, with rank 1's reason)."""
+    from tests.conftest import _free_port
+
+    run = tmp_path / "run"
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_addr", "127.0.0.1", "--master_port", str(_free_port())),
+        str(REPO / "tests" / "train" / "enospc_worker.py"),
+        *_args(run, cache, 3),
+        *("train.batch_size=32", "train.torch_threads=1", "train.record_keys=false"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENOSPC_RANK": "1", "ENOSPC_STEP": "2"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith(f"error: checkpoint step 2: cannot write {run / 'checkpoints'}")
+    assert "No space left on device" in lines[0] and "step_0000001" in lines[0]
+    assert "exitcode: 2" in res.stderr  # torchrun's summary: the trainer's status, not a crash
+    assert _leftovers(run) == []
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000001"]
+
+
 def test_enospc_in_export_leaves_no_half_export(tmp_path, cache, capsys, monkeypatch):
     from clipkit.train.clip_task import ClipTask
 
