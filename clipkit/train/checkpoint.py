@@ -22,6 +22,7 @@ import torch
 from clipkit.train.outputs import as_write_error, dir_bytes, sweep_stale, write_failed
 
 STATE_FILE = "trainer_state.json"
+STATE_KEYS = ("step", "epoch", "samples_seen", "data")
 PREFIX = "step_"
 
 
@@ -160,6 +161,11 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"corrupt checkpoint {path}: {STATE_FILE} unreadable ({err})") from None
+    # Valid JSON is not yet a trainer state ({} or [] written by hand or a foreign tool).
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["data"], list):
+        what = f"lacks {', '.join(missing)}" if missing else "has no per-rank data list"
+        raise ValueError(f"corrupt checkpoint {path}: {STATE_FILE} {what}")
     try:
         accelerator.load_state(str(path))
     except Exception as err:  # safetensors/pickle raise many types on truncated files

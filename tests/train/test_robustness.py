@@ -230,6 +230,19 @@ def test_unwritable_output_dir_fails_before_work(tmp_path, cache, capsys, monkey
     ), err
 
 
+@pytest.mark.parametrize(
+    "content",
+    ["", "{}", "[]", '{"step": 1}', '{"step": 1, "epoch": 0, "samples_seen": 64, "data": {}}'],
+)
+def test_malformed_trainer_state_is_one_line(tmp_path, cache, capsys, content):
+    ck = tmp_path / "run" / "checkpoints" / "step_0000001"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(content)
+    assert main(_args(tmp_path / "run", cache, 2) + ["train.resume=latest"]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"error: corrupt checkpoint {ck}: trainer_state.json" in err[0], err
+
+
 def test_full_disk_is_not_an_unwritable_output_dir(tmp_path, monkeypatch):
     """A full disk passes the start check: the run sweeps stale .tmp folders before writing."""
     from clipkit.train.outputs import check_output_dir
