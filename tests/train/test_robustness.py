@@ -162,6 +162,22 @@ def test_enospc_in_export_leaves_no_half_export(tmp_path, cache, capsys, monkeyp
     assert (run / "checkpoints" / "step_0000001" / "trainer_state.json").is_file()
 
 
+def test_enospc_in_metrics_log_is_one_line(tmp_path, cache, capsys, monkeypatch):
+    real_open = Path.open
+
+    def full_disk(self, mode="r", *a, **k):
+        if self.name == "metrics.jsonl" and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *a, **k)
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    run = tmp_path / "run"
+    assert main(_args(run, cache, 2)) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"error: metrics at step 1: cannot write {run}: ")
+    assert "No space left on device" in err[0] and "train.resume=latest" in err[0]
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root"
 )
