@@ -221,6 +221,21 @@ COMMANDS: dict[str, Run] = {
         extra=TINY_SSL + " ssl.prototypes=16",
         how="as simclr, 16 prototypes",
     ),
+    "python -m data_tools.build_shards ../shared/data/cifar10/train.tar shards/cifar10_train "
+    "--shard-size 5000": Run(
+        "slip_shards",
+        subs=((CIFAR_TRAIN_README, CIFAR_TRAIN_TEST), ("--shard-size 5000", "--shard-size 50")),
+        how="the 200-image CIFAR-10 train cut, shards of 50 (4 shards)",
+    ),
+    "accelerate launch scripts/train.py --config configs/slip_cifar10.yaml": Run(
+        "slip",
+        subs=(("accelerate launch ", "python "),),
+        extra="data.train=shards/cifar10_train/{00000..00003}.tar data.workers=0 "
+        f"eval.zeroshot={CIFAR_TEST} eval.knn={CIFAR_TEST} eval.knn_train={CIFAR_TRAIN_TEST} "
+        "eval.knn_k=5 train.max_steps=2 train.batch_size=16 train.trackers=[]",
+        how="python (one CPU process), 2 steps of 16 on the shards above, zero-shot and kNN on "
+        "the CIFAR cuts",
+    ),
     "clipkit embed --model runs/mine --input 'shards/{00000..00127}.tar' --output emb/": Run(
         "embed", subs=((SHARDS_README, SHARDS_TEST),), how="the run and shards above"
     ),
@@ -522,6 +537,18 @@ def test_image_ssl(name: str, work: Path, env: dict[str, str]) -> None:
     knn = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("eval/knn/")}
     assert metrics["step"] == 2 and (knn["n"], knn["n_train"]) == (100, 200), out[-2000:]
     assert (run / "export" / "ssl_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_slip(work: Path, env: dict[str, str]) -> None:
+    ok(run_readme("slip_shards", work, env))
+    out = ok(run_readme("slip", work, env))
+    run = work / "runs" / "slip_cifar10"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 2 and "eval/zeroshot/cifar10/acc1" in metrics, out[-2000:]
+    logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_ssl" in x for x in logs), logs
+    assert (run / "export" / "open_clip_config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------- SimCSE
