@@ -5,12 +5,12 @@ kNN, checkpoint, an export ``clipkit eval zeroshot`` loads), and one-line errors
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from cifar_cuts import cut_imagefolder_tar
 from safetensors.torch import load_file
 
 from clipkit.config.schema import Config, DataConfig, LossConfig, ModelConfig, SSLConfig
@@ -32,22 +32,6 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 # --------------------------------------------------------------------------- data
-def _cut(src: Path, dst: Path, per_class: int) -> Path:
-    """An ImageFolder tar of the first ``per_class`` images of each class of a real CIFAR tar."""
-    seen: dict[str, int] = {}
-    with tarfile.open(src) as tf, tarfile.open(dst, "w") as out:
-        for m in tf:
-            if not m.isfile():
-                continue
-            cls = m.name.removeprefix("./").split("/")[0]
-            if seen.get(cls, 0) < per_class:
-                seen[cls] = seen.get(cls, 0) + 1
-                out.addfile(m, tf.extractfile(m))
-            if len(seen) == 10 and all(v >= per_class for v in seen.values()):
-                break
-    return dst
-
-
 @pytest.fixture(scope="module")
 def cifar(data_root, tmp_path_factory) -> dict[str, Path | str]:
     """80 train images as 4 caption shards (class name = caption, as bench/train.py builds
@@ -55,12 +39,12 @@ def cifar(data_root, tmp_path_factory) -> dict[str, Path | str]:
     from data_tools.build_shards import build
 
     root = tmp_path_factory.mktemp("slip_cifar")
-    train_tar = _cut(data_root / "cifar10" / "train.tar", root / "train.tar", 8)
+    train_tar = cut_imagefolder_tar(data_root / "cifar10" / "train.tar", root / "train.tar", 8)
     build(train_tar, root / "shards", shard_size=20, workers=1, progress=False)
     return {
         "shards": str(root / "shards" / "{00000..00003}.tar"),
         "train": train_tar,
-        "test": _cut(data_root / "cifar10" / "test.tar", root / "test.tar", 3),
+        "test": cut_imagefolder_tar(data_root / "cifar10" / "test.tar", root / "test.tar", 3),
     }
 
 

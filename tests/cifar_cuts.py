@@ -1,4 +1,4 @@
-"""Small ImageFolder tars cut from the real CIFAR-10 tars (same layout) for the evaluator tests."""
+"""Small ImageFolder tars cut from the real CIFAR-10 tars: evaluator, SSL and SLIP tests."""
 
 from __future__ import annotations
 
