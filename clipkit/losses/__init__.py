@@ -12,18 +12,15 @@ from clipkit.losses.infonce import info_nce, info_nce_sharded
 from clipkit.losses.moco import moco_loss, moco_v3_loss
 from clipkit.losses.module import (
     LOSSES,
-    BarlowTwinsLoss,
-    BYOLLoss,
     ContrastiveLoss,
     InfoNCELoss,
     MoCoLoss,
     MoCoV3Loss,
-    NonContrastiveLoss,
     NTXentLoss,
     SigLIPLoss,
-    SwAVLoss,
     build_loss,
 )
+from clipkit.losses.noncontrastive import BarlowTwinsLoss, BYOLLoss, NonContrastiveLoss, SwAVLoss
 from clipkit.losses.ntxent import nt_xent, nt_xent_sharded
 from clipkit.losses.queue import NegativeQueue
 from clipkit.losses.siglip import siglip_loss, siglip_sharded
