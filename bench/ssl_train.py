@@ -1,38 +1,55 @@
-"""SimCLR and MoCo v2 on CIFAR-10: clipkit's trainer vs lightly 1.6's recipe, side by side.
+"""Self-supervised recipes on CIFAR-10: clipkit's trainer vs lightly 1.6's, side by side.
 
-Issue 13's acceptance: lightly's CIFAR-10 benchmark recipe (ResNet-18 with the CIFAR stem,
-SimCLR: 512-512-128 head, NT-Xent T 0.5, no blur; MoCo v2: 512-512-128 head, a 4,096-key
-memory bank, T 0.1, momentum 0.99 cosine to 1; SGD lr 0.06 x batch / 128, momentum 0.9, weight
-decay 5e-4, cosine; kNN k 200, T 0.1) trained by both, same backbone module, batch, steps,
-optimiser, schedule, augmentation parameters, 2 loader workers, fp32 and seed, each run in a
-fresh subprocess:
+Issues 13 and 14: lightly's CIFAR-10 benchmark recipes (ResNet-18 with the CIFAR stem; SGD lr
+0.06 x batch / 128, momentum 0.9, weight decay 5e-4, cosine; kNN k 200, T 0.1) trained by both,
+same backbone module, batch, steps, optimiser, schedule, augmentation parameters, 2 loader
+workers, fp32 and seed, each run in a fresh subprocess:
+
+* SimCLR: 512-512-128 head, NT-Xent T 0.5, no blur.
+* MoCo v2: 512-512-128 head, a 4,096-key memory bank, T 0.1, momentum 0.99 cosine to 1.
+* BYOL: projector 512-1024-256, predictor 256-1024-256, negative cosine symmetrised, momentum
+  0.99 cosine to 1, BYOL's asymmetric views.
+* Barlow Twins: projector 512-2048-2048-2048, lambda 5e-3, BYOL's views (as the config).
+* SwAV: projector 512-512-128, 512 prototypes (unit norm before every step, frozen for the
+  first ``--swav-freeze`` steps), Sinkhorn epsilon 0.05, 3 iterations, T 0.1, 2 crops at 32 px.
+* ``supervised`` (no lightly side): cross-entropy on the labels, the same backbone plus a
+  linear classifier, one view per image with the SimCLR recipe's crop and flip
+  (``bench/_supervised_runner.py``); the same optimiser, schedule, batch and steps.
+
+Sides:
 
 * clipkit: the real trainer, ``scripts/train.py --config configs/<method>_cifar10.yaml`` with
-  dotted overrides for the batch, steps, learning rate and logging (in-training kNN off).
+  dotted overrides for the batch, steps, learning rate, logging, SwAV's freeze and the
+  in-training kNN (``eval.every`` = ``--knn-every``, the memory bank and test cut below).
 * lightly: ``bench/_lightly_ssl_runner.py``, a plain PyTorch loop with lightly's transforms,
-  heads, losses and momentum utilities over a torch DataLoader on the same tar.
+  heads, losses and momentum utilities over a torch DataLoader on the same tar; it saves its
+  backbone at the same steps, evaluated afterwards.
 
-Speed: training samples/s, the median of the logged intervals after the first (start-up and
-evaluation excluded; each interval includes its data waits), logged the same way on both sides.
-kNN: the same evaluator on both sides' backbones (``clipkit eval knn`` on an SSL export; the
-lightly backbone's weights are loaded into clipkit's ``SSLModel`` with a strict state-dict load,
-which also checks that the two backbones are the same module), k 200, T 0.1, on the CIFAR-10 test
-set against a fixed class-balanced memory bank of ``--knn-train-per-class`` training images per
-class (the first ones of each class in the tar's order; 0 = all 50,000). The order of the two
+Speed: training samples/s, the median of the logged intervals after the first, leaving out on
+both sides the intervals right after a kNN step (clipkit's in-training evaluation, lightly's
+backbone save); each interval includes its data waits, logged the same way on both sides.
+kNN: the same evaluator on every backbone (``clipkit.eval.driver.evaluate`` with ``clipkit eval
+knn``'s evaluator: in clipkit's loop for clipkit, in this process for the saved lightly and
+supervised backbones, loaded into clipkit's ``SSLModel`` with a strict state-dict load, which
+also checks the backbones are the same module), k 200, T 0.1, on the CIFAR-10 test set (or
+``--knn-test-per-class`` images per class) against a fixed class-balanced memory bank of
+``--knn-train-per-class`` training images per class (the first ones of each class in the tar's
+order; 0 = all 50,000), at every ``--knn-every`` steps and at the end. The order of the two
 sides alternates by method (lightly first for the first method, clipkit first for the next), so
 background load on a shared machine does not favour one side.
 
 Run under the team's benchmark lock (the script takes it itself when nobody holds it; with
 ``flock(1)`` around it, it sees its parent holds it)::
 
-    flock /tmp/clipkit-bench.lock python bench/ssl_train.py --methods simclr,moco --steps 40 \
-        --batch 128 | tee bench/results/cpu_ssl.log
-    python bench/ssl_train.py --methods simclr,moco --steps 3 --batch 32 --train-per-class 64 \
-        --knn-train-per-class 20 --knn-test-per-class 20 --no-lock    # smoke run (~1.5 min)
+    flock /tmp/clipkit-bench.lock python bench/ssl_train.py \
+        --methods simclr,moco,byol,barlow_twins,swav,supervised --steps 16 --batch 128 \
+        --plot bench/results/ssl_knn_steps.png | tee bench/results/cpu_ssl_all.log
+    python bench/ssl_train.py --methods byol,barlow_twins,swav --steps 2 --batch 16 \
+        --train-per-class 32 --knn-train-per-class 10 --knn-test-per-class 10 --no-lock  # smoke
 
 Last line: ``ssl vs lightly: worst kNN gap +X.XX points, slowest speed ratio Y.YYx`` (gap: the
-largest lightly - clipkit kNN top-1 over the methods, signed; ratio: the smallest clipkit /
-lightly samples/s).
+largest lightly - clipkit final kNN top-1 over the SSL methods, signed; ratio: the smallest
+clipkit / lightly samples/s; the supervised baseline is not in it).
 """
 
 from __future__ import annotations
@@ -53,8 +70,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CLIPKIT_DATA", REPO.parent / "shared" / "data"))
 LOCK = "/tmp/clipkit-bench.lock"
-METHODS = {"simclr": "simclr", "moco": "moco_v2"}  # method -> clipkit's ssl.head
+SSL_METHODS = ("simclr", "moco", "byol", "barlow_twins", "swav")  # configs/<m>_cifar10.yaml
+BASELINE = "supervised"  # no lightly side
 HEAD_LR = 0.06  # lightly's CIFAR-10 recipe: lr 0.06 x batch / 128
+# configs/swav_cifar10.yaml freezes the prototypes for 313 of its 800 x 97 = 77,600 steps; the
+# bench scales that fraction to its own run, at least 1 step (--swav-freeze overrides).
+SWAV_FREEZE, FULL_STEPS = 313, 77_600
 
 
 def say(*args: object) -> None:
@@ -142,6 +163,12 @@ def _run(cmd: list[str], what: str) -> float:
     return time.perf_counter() - t0
 
 
+def knn_steps(args: argparse.Namespace) -> list[int]:
+    """The steps kNN is measured at: every ``--knn-every`` steps, and the last."""
+    every = args.knn_every
+    return sorted({*(range(every, args.steps, every) if every else ()), args.steps})
+
+
 def run_clipkit(method: str, args: argparse.Namespace, work: Path) -> dict:
     out = work / f"clipkit_{method}"
     cmd = [
@@ -152,80 +179,139 @@ def run_clipkit(method: str, args: argparse.Namespace, work: Path) -> dict:
         f"optim.lr={HEAD_LR * args.batch / 128}", "train.precision=fp32",
         f"train.seed={args.seed}", f"train.log_every={args.log_every}",
         "train.checkpoint_every=0", "train.trackers=[]", f"train.output_dir={out}",
-        "eval.knn=", "eval.knn_train=",
+        f"eval.knn={args.knn_test}", f"eval.knn_train={args.knn_train}", "eval.knn_k=200",
+        "eval.knn_temperature=0.1", "eval.batch_size=256", f"eval.every={args.knn_every}",
     ]  # fmt: skip
+    if method == "swav":
+        cmd.append(f"ssl.freeze_prototypes_steps={args.swav_freeze}")
     wall = _run(cmd, f"clipkit {method}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "train/samples_per_s" in r]
+    train = [r for r in rows if "train/samples_per_s" in r]
+    curve = {}
+    for r in rows:
+        acc = [v for k, v in r.items() if k.startswith("eval/knn/") and k.endswith("/acc1")]
+        if acc:
+            curve[int(r["step"])] = 100.0 * acc[0]
+    if args.steps not in curve:
+        raise SystemExit(f"clipkit {method}: no final kNN in {out / 'metrics.jsonl'}")
     return {
-        "rates": [r["train/samples_per_s"] for r in rows],
-        "wait": [r["train/data_wait_frac"] for r in rows],
-        "loss": rows[-1]["train/loss"],
+        "steps": [int(r["step"]) for r in train],
+        "rates": [r["train/samples_per_s"] for r in train],
+        "wait": [r["train/data_wait_frac"] for r in train],
+        "loss": train[-1]["train/loss"],
         "wall": wall,
-        "export": out / "export",
+        "curve": curve,
     }
 
 
-def run_lightly(method: str, args: argparse.Namespace, work: Path) -> dict:
-    out = work / f"lightly_{method}"
+def run_plain(method: str, args: argparse.Namespace, work: Path) -> dict:
+    """lightly's side of an SSL method, or the supervised baseline (``bench/_*_runner.py``)."""
+    side = "supervised" if method == BASELINE else "lightly"
+    out = work / f"{side}_{method}"
+    steps = knn_steps(args)
+    runner = "_supervised_runner.py" if side == "supervised" else "_lightly_ssl_runner.py"
     cmd = [
-        sys.executable, str(REPO / "bench" / "_lightly_ssl_runner.py"),
-        "--method", method, "--train", str(args.train), "--steps", str(args.steps),
+        sys.executable, str(REPO / "bench" / runner),
+        "--train", str(args.train), "--steps", str(args.steps),
         "--batch", str(args.batch), "--lr", str(HEAD_LR * args.batch / 128),
         "--workers", str(args.workers), "--seed", str(args.seed),
         "--log-every", str(args.log_every), "--out", str(out),
+        "--save-steps", ",".join(map(str, steps[:-1])),
     ]  # fmt: skip
-    wall = _run(cmd, f"lightly {method}")
+    if side == "lightly":
+        cmd += ["--method", method, "--swav-freeze", str(args.swav_freeze)]
+    wall = _run(cmd, f"{side} {method}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    t0 = time.perf_counter()
+    curve = {
+        s: knn_of(out / ("backbone.pt" if s == args.steps else f"backbone_step{s}.pt"), args)
+        for s in steps
+    }
     return {
+        "steps": [int(r["step"]) for r in rows],
         "rates": [r["samples_per_s"] for r in rows],
         "wait": [r["data_wait_frac"] for r in rows],
         "loss": rows[-1]["loss"],
         "wall": wall,
-        "export": lightly_export(method, out),
+        "curve": curve,
+        "knn_wall": time.perf_counter() - t0,
     }
 
 
-def lightly_export(method: str, out: Path) -> Path:
-    """The lightly run's backbone in clipkit's SSL export layout (the projector is clipkit's
-    fresh head: kNN reads the backbone only). The strict load fails if the modules differ."""
+def knn_of(backbone: Path, args: argparse.Namespace) -> float:
+    """kNN top-1 (percent) of a saved ResNet-18 backbone state dict: clipkit's evaluator on
+    clipkit's ``SSLModel`` (the strict load fails if the modules differ; the head is unused)."""
     import torch
 
+    from clipkit.eval.driver import evaluate
+    from clipkit.eval.knn_cli import EVALUATOR as KNN
+    from clipkit.eval.knn_cli import KnnOptions
     from clipkit.models.ssl import SSLModel
 
-    model = SSLModel("resnet18", METHODS[method], 512, 128, cifar_stem=True, image_size=32)
-    state = torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
+    model = SSLModel("resnet18", "simclr", 512, 128, cifar_stem=True, image_size=32)
+    state = torch.load(backbone, map_location="cpu", weights_only=True)
     model.backbone.load_state_dict(state, strict=True)
-    return model.export(out / "export")
+    model.eval()
+    options = KnnOptions(train=str(args.knn_train), k=200, temperature=0.1)
+    with torch.no_grad():
+        rep = evaluate(
+            KNN, model, str(args.knn_test), options, device="cpu", batch_size=256,
+            workers=args.workers, precision="fp32",
+        )  # fmt: skip
+    return 100.0 * rep.scalars()["acc1"]
 
 
-def knn(export: Path, args: argparse.Namespace, work: Path, name: str) -> tuple[float, float]:
-    """``clipkit eval knn`` top-1 (percent) of an SSL export, and its wall time."""
-    out = work / f"knn_{name}.json"
-    cmd = [
-        sys.executable, "-m", "clipkit.cli", "eval", "knn", "--model", str(export),
-        "--train", str(args.knn_train), "--data", str(args.knn_test), "--k", "200",
-        "--temperature", "0.1", "--batch-size", "256", "--workers", str(args.workers),
-        "--precision", "fp32", "--device", "cpu", "--no-progress", "--output", str(out),
-    ]  # fmt: skip
-    wall = _run(cmd, f"kNN of {name}")
-    return 100.0 * json.loads(out.read_text())["metrics"]["acc1"], wall
+def speed(r: dict, args: argparse.Namespace) -> float:
+    """Median samples/s over the logged intervals after the first, leaving out those that
+    start right after a kNN step (they hold clipkit's evaluation / lightly's backbone save)."""
+    marks = set(knn_steps(args))
+    prev = [0, *r["steps"][:-1]]
+    clean = [x for p, x in zip(prev[1:], r["rates"][1:]) if p not in marks]
+    return statistics.median(clean or r["rates"][1:] or r["rates"])
 
 
-def speed(rates: list[float]) -> float:
-    """Median samples/s over the logged intervals after the first (start-up excluded)."""
-    return statistics.median(rates[1:] or rates)
+def plot(results: dict, methods: list[str], path: Path) -> None:
+    """kNN top-1 over steps: one solid line per method (clipkit; the supervised baseline),
+    dashed for lightly's side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(methods):
+        color = "k" if method == BASELINE else f"C{i}"
+        for side, style in (("clipkit", "-"), ("supervised", "-"), ("lightly", "--")):
+            r = results.get((method, side))
+            if r is None:
+                continue
+            xs = sorted(r["curve"])
+            label = method if side != "lightly" else f"{method} (lightly)"
+            ax.plot(xs, [r["curve"][x] for x in xs], style, marker="o", color=color, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title("CIFAR-10 kNN (k 200, T 0.1) over steps; dashed: lightly 1.6")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="simclr,moco", help="comma-separated: simclr, moco")
+    valid = (*SSL_METHODS, BASELINE)
+    p.add_argument("--methods", default="simclr,moco", help=f"comma-separated: {', '.join(valid)}")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=0, help="default: steps / 8, at least 1")
+    p.add_argument("--knn-every", type=int, default=0, help="kNN curve step; 0: at the end only")
+    p.add_argument("--swav-freeze", type=int, default=-1, help="default: 313 scaled, >= 1")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of kNN top-1 over steps")
     p.add_argument("--train", type=Path, default=DATA / "cifar10" / "train.tar")
     p.add_argument("--test", type=Path, default=DATA / "cifar10" / "test.tar")
     p.add_argument("--train-per-class", type=int, default=0, help="smoke runs; 0: all 50,000")
@@ -234,15 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lock", action="store_true", help="smoke runs: do not take the lock")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in valid]
     if bad or not methods:
-        raise SystemExit(f"--methods: unknown {bad or 'nothing'}; valid: {', '.join(METHODS)}")
-    if args.steps < 1 or args.batch < 2:
-        raise SystemExit("--steps must be >= 1 and --batch >= 2")
+        raise SystemExit(f"--methods: unknown {bad or 'nothing'}; valid: {', '.join(valid)}")
+    if args.steps < 1 or args.batch < 2 or args.knn_every < 0:
+        raise SystemExit("--steps must be >= 1, --batch >= 2 and --knn-every >= 0")
     for path in (args.train, args.test):
         if not path.is_file():
             raise SystemExit(f"{path}: not found (set CLIPKIT_DATA)")
     args.log_every = args.log_every or max(1, args.steps // 8)
+    if args.knn_every and args.knn_every % args.log_every:
+        raise SystemExit(
+            f"--knn-every {args.knn_every} must be a multiple of --log-every {args.log_every} "
+            "(the intervals after a kNN step are left out of the speed)"
+        )
+    if args.swav_freeze < 0:
+        args.swav_freeze = max(1, round(SWAV_FREEZE * args.steps / FULL_STEPS))
+    ssl = [m for m in methods if m != BASELINE]
 
     lock, lock_note = (None, "no lock (--no-lock)") if args.no_lock else take_bench_lock()
     load_start = loadavg()
@@ -263,40 +357,64 @@ def main(argv: list[str] | None = None) -> int:
         test = f"{args.knn_test_per_class:,}/class" if args.knn_test_per_class else "all"
         say(f"{args.steps} steps x batch {args.batch} per run, lr {HEAD_LR * args.batch / 128:g}, "
             f"{args.workers} loader workers, fp32, seed {args.seed}, log every {args.log_every} "
-            f"steps; training images: {trained} of {args.knn_train_src.name}; kNN k 200 T 0.1, "
-            f"memory bank: {bank} of {args.knn_train_src.name}, test: {test} of "
-            f"{args.test.name}")  # fmt: skip
-        for i, method in enumerate(methods):
-            sides = ("lightly", "clipkit") if i % 2 == 0 else ("clipkit", "lightly")
+            f"steps; training images: {trained} of {args.knn_train_src.name}; kNN k 200 T 0.1 "
+            f"at steps {', '.join(map(str, knn_steps(args)))}, memory bank: {bank} of "
+            f"{args.knn_train_src.name}, test: {test} of {args.test.name}; SwAV prototypes "
+            f"frozen for {args.swav_freeze} step(s)")  # fmt: skip
+        for method in methods:
+            if method == BASELINE:
+                sides = ("supervised",)
+            else:
+                sides = (
+                    ("lightly", "clipkit") if ssl.index(method) % 2 == 0 else ("clipkit", "lightly")
+                )
             for side in sides:
                 before = loadavg()
-                run = run_lightly if side == "lightly" else run_clipkit
-                r = run(method, args, work)
+                r = (run_clipkit if side == "clipkit" else run_plain)(method, args, work)
                 r["load"] = f"{before} -> {loadavg()}"
-                say(f"  {method:<6} {side:<7} trained in {r['wall']:.0f} s, samples/s per "
-                    f"interval: {', '.join(f'{x:.1f}' for x in r['rates'])}; data-wait "
+                curve = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(r["curve"].items()))
+                extra = f" (+{r['knn_wall']:.0f} s)" if "knn_wall" in r else " (kNN included)"
+                say(f"  {method:<12} {side:<10} trained in {r['wall']:.0f} s{extra}, samples/s "
+                    f"per interval: {', '.join(f'{x:.1f}' for x in r['rates'])}; data-wait "
                     f"fraction median {statistics.median(r['wait']):.3f}; final loss "
-                    f"{r['loss']:.4f}; load {r['load']}")  # fmt: skip
+                    f"{r['loss']:.4f}; kNN top-1 by step {{{curve}}}; "
+                    f"load {r['load']}")  # fmt: skip
                 results[method, side] = r
-            for side in ("lightly", "clipkit"):
-                r = results[method, side]
-                r["knn"], knn_wall = knn(r["export"], args, work, f"{side}_{method}")
-                say(f"  {method:<6} {side:<7} kNN top-1 {r['knn']:.2f} ({knn_wall:.0f} s)")
     load_end = loadavg()
+
+    def rows(method: str) -> list[tuple[str, str]]:
+        if method == BASELINE:
+            return [("supervised", "supervised (no lightly side)")]
+        return [("lightly", "lightly"), ("clipkit", "clipkit")]
 
     say("\n| method | side | steps | batch | samples/s | kNN top-1 | train wall s | final loss |")
     say("|---|---|---|---|---|---|---|---|")
     for method in methods:
-        for side in ("lightly", "clipkit"):
+        for side, shown in rows(method):
             r = results[method, side]
-            say(f"| {method} | {side} | {args.steps} | {args.batch} | {speed(r['rates']):.1f} | "
-                f"{r['knn']:.2f} | {r['wall']:.0f} | {r['loss']:.4f} |")  # fmt: skip
+            say(f"| {method} | {shown} | {args.steps} | {args.batch} | {speed(r, args):.1f} | "
+                f"{r['curve'][args.steps]:.2f} | {r['wall']:.0f} | {r['loss']:.4f} |")  # fmt: skip
+    marks = knn_steps(args)
+    say("\nkNN top-1 over steps:\n")
+    say("| method | side | " + " | ".join(f"step {s}" for s in marks) + " |")
+    say("|---|---|" + "---|" * len(marks))
+    for method in methods:
+        for side, shown in rows(method):
+            r = results[method, side]
+            say(
+                f"| {method} | {shown} | "
+                + " | ".join(f"{r['curve'][s]:.2f}" for s in marks)
+                + " |"
+            )
+    if args.plot is not None:
+        plot(results, methods, args.plot)
+        say(f"\nplot: {args.plot}")
     gaps, ratios = [], []
     say("")
-    for method in methods:
+    for method in ssl:
         ck, lt = results[method, "clipkit"], results[method, "lightly"]
-        gap = lt["knn"] - ck["knn"]
-        ratio = speed(ck["rates"]) / speed(lt["rates"])
+        gap = lt["curve"][args.steps] - ck["curve"][args.steps]
+        ratio = speed(ck, args) / speed(lt, args)
         gaps.append(gap)
         ratios.append(ratio)
         say(f"{method}: kNN lightly - clipkit {gap:+.2f} points, speed clipkit / lightly "
@@ -305,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.perf_counter() - t_start:.0f} s")  # fmt: skip
     if lock is not None:
         lock.close()
+    if not ssl:
+        say("ssl vs lightly: no SSL method run (the supervised baseline has no lightly side)")
+        return 0
     say(f"ssl vs lightly: worst kNN gap {max(gaps):+.2f} points, "
         f"slowest speed ratio {min(ratios):.2f}x")  # fmt: skip
     return 0
