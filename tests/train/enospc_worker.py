@@ -1,4 +1,4 @@
-"""Worker for test_robustness.py: the trainer, with one rank's checkpoint write failing.
+"""Worker for test_run_robustness.py: the trainer, with one rank's checkpoint write failing.
 
 Run with ``torchrun --nproc_per_node 2 tests/train/enospc_worker.py key=value ...``. The rank in
 ``ENOSPC_RANK`` raises ENOSPC while saving the checkpoint of step ``ENOSPC_STEP``; every other
