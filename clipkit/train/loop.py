@@ -318,10 +318,13 @@ def train(cfg: Config) -> dict[str, Any]:
             bar.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
             _record(accelerator, metrics_file, step, logs, history)
         # The checkpoint first: an evaluation that fails or hangs must not cost this step.
+        paused = time.perf_counter()
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             checkpoint()
         if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
             _record(accelerator, metrics_file, step, evaluate(), history)
+        # train/samples_per_s measures training: checkpoint and evaluation time is left out.
+        t_last += time.perf_counter() - paused
     bar.close()
 
     # ------------------------------------------ final checkpoint + export, THEN evaluation
