@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipkit.data.decode import DecodeError, crop_params, eval_crop, train_crop
 from clipkit.data.records import image_bytes
 from clipkit.data.shards import Plan, is_url, part_range, split_part, tar_end_ok
-from clipkit.data.views import ViewSpec, all_views, crops_and_views
+from clipkit.data.views import ViewSpec, all_views
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,9 @@ class _Reader:
         views = None
         try:
             if s.views is not None:
-                # SLIP: the caption crop (its box from rng, as below) and the views, one decode.
-                (image,), views = crops_and_views(
+                # SLIP: the caption crop (its box from rng, as below) and the views, one decode
+                # (a multi-crop spec's small crops are not SLIP's: dropped).
+                (image,), views, _ = all_views(
                     img_bytes,
                     s.image_size,
                     s.views,

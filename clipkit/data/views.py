@@ -422,26 +422,7 @@ def make_views(
         >>> v.shape, v.dtype  # doctest: +SKIP
         (torch.Size([2, 3, 32, 32]), torch.uint8)
     """
-    return crops_and_views(data, size, spec, seed=seed, epoch=epoch, key=key, fast=fast)[1]
-
-
-def crops_and_views(
-    data: bytes,
-    size: int,
-    spec: ViewSpec,
-    *,
-    seed: int,
-    epoch: int,
-    key: str,
-    fast: bool = True,
-    crops: Callable[[int, int], list[Box]] | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Plain crops (no photometric ops) and the ``V`` views of one image, from ONE decode
-    (see :func:`all_views`; the small crops of a multi-crop spec are dropped)."""
-    plain, views, _ = all_views(
-        data, size, spec, seed=seed, epoch=epoch, key=key, fast=fast, crops=crops
-    )
-    return plain, views
+    return all_views(data, size, spec, seed=seed, epoch=epoch, key=key, fast=fast)[1]
 
 
 def all_views(
