@@ -310,7 +310,8 @@ def build_dual_encoder(
         ssl_cfg: the head's shape (``head``, ``proj_hidden``, ``proj_dim``; defaults when None).
 
     Raises:
-        ValueError: unknown model name, missing pretrained file, unknown SSL head, or an SSL
+        ValueError: unknown model name, ``model.pretrained`` not found locally or not fitting
+            the architecture (:mod:`clipkit.models.pretrained`), unknown SSL head, or an SSL
             head on a vision tower without separable pooled features (see :func:`trunk_width`).
     """
     cfg = resolve_model_cfg(mcfg.name)
@@ -323,14 +324,21 @@ def build_dual_encoder(
             kwargs["init_logit_bias"] = loss_cfg.siglip_init_bias
         else:
             kwargs["init_logit_scale"] = float(torch.log(torch.tensor(1.0 / loss_cfg.temperature)))
-    pretrained = mcfg.pretrained or None
-    if pretrained and Path(pretrained).expanduser().suffix and not Path(pretrained).exists():
-        raise ValueError(f"model.pretrained file not found: {pretrained}")
+    pre = None
+    if mcfg.pretrained:  # found before the build, so a bad path costs no model construction
+        from clipkit.models.pretrained import load_pretrained, resolve_pretrained
+
+        pre = resolve_pretrained(mcfg.pretrained, mcfg.name)
+        if pre.tag_cfg.get("quick_gelu"):  # e.g. OpenAI's tags: the weights expect QuickGELU
+            cfg["quick_gelu"] = True
+        for k in ("mean", "std", "interpolation", "resize_mode"):  # the tag's preprocessing
+            if k in pre.tag_cfg:
+                kwargs[f"image_{k}"] = pre.tag_cfg[k]
     key = _register(Path(mcfg.name).stem, cfg)
     with _quiet_random_init():
-        clip, pp_train, pp_eval = open_clip.create_model_and_transforms(
-            key, pretrained=pretrained, **kwargs
-        )
+        clip, pp_train, pp_eval = open_clip.create_model_and_transforms(key, **kwargs)
+    if pre is not None:
+        load_pretrained(clip, pre, mcfg.name)
     tokenizer = open_clip.get_tokenizer(key)
     if mcfg.lock_image:
         clip.lock_image_tower(unlocked_groups=mcfg.lock_image_unlocked_groups)
