@@ -11,7 +11,9 @@ newline-joined (as CLIP_benchmark does), ``key.json`` as a list (``"captions"``)
 one per step. Output: ``NNNNN.tar`` (``key.{jpg,png,webp}``, ``key.txt``, ``key.json``
 [, ``key.cls``]), ``NNNNN_stats.json`` per shard, and ``sizes.json`` + ``_stats.json`` for the
 dataset. Undecodable or missing images are skipped and listed in ``_stats.json``; they never
-abort the run.
+abort the run. A damaged input tar is read by the input layer's one damage policy (readable
+samples kept, ``skipped_shards`` / ``incomplete_samples`` in ``_stats.json``, one warning naming
+it), so the counts match the evaluators', ``verify``'s and ``clipkit embed``'s.
 
 Example (CIFAR-10, 50,000 labelled samples in 50 shards)::
 
@@ -35,7 +37,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from clipkit.data.sources import Record, image_bytes
+from clipkit.data.sources import Record, damage_report, image_bytes
+from clipkit.data.tar_samples import TarStats
 from data_tools.sources import read_input
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -165,7 +168,8 @@ def build(
     if max_side < 0 or not 1 <= quality <= 100:
         raise ValueError(f"bad --max-side {max_side} / --quality {quality}")
     t0 = time.time()
-    records, classes, kind = read_input(input_path, image_root)
+    damage = TarStats()  # damaged input tars: counted, named in one warning, in _stats.json
+    records, classes, kind = read_input(input_path, image_root, damage)
     if not records:
         raise ValueError(f"{input_path}: no images found")
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +215,7 @@ def build(
         "shards": len(sizes),
         "failed": sum(st["failed"] for st in results),
         "failures": [f for st in results for f in st["failures"]],
+        **damage_report(damage),
         "classes": classes,
         "shard_size": shard_size,
         "max_side": max_side,
@@ -252,12 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"build_shards: error: {err}", file=sys.stderr)
         return 2
+    damaged = (
+        f", {st['skipped_shards']} damaged input tar(s) "
+        f"({st['incomplete_samples']} incomplete sample(s) lost; see the warning)"
+        if st["skipped_shards"]
+        else ""
+    )
     print(
         f"{st['count']} samples ({st['captions']} captions) in {st['shards']} shards, "
-        f"{st['failed']} skipped, {st['seconds']} s -> {args.output_dir}"
+        f"{st['failed']} skipped{damaged}, {st['seconds']} s -> {args.output_dir}"
     )
     for f in st["failures"][:10]:
         print(f"  skipped {f['source']}: {f['reason']}")
+    for problem in st["skipped_shard_examples"]:
+        print(f"  damaged {problem}")
     return 0
 
 

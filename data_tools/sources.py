@@ -19,12 +19,15 @@ def _caption_for_class(name: str) -> str:
     return name.replace("_", " ")
 
 
-def read_input(path: Path, image_root: Path | None = None) -> tuple[list[Record], list[str], str]:
+def read_input(
+    path: Path, image_root: Path | None = None, stats: TarStats | None = None
+) -> tuple[list[Record], list[str], str]:
     """Read every record of ``path`` (order: the input layer's).
 
     Args:
         path: any input the layer detects (see :mod:`clipkit.data.sources`).
         image_root: where a caption table's or COCO file's image paths start.
+        stats: receives the damaged tars and incomplete samples (the layer's damage policy).
 
     Returns:
         ``(records, class names (empty when unlabelled), kind)``; a labelled record without
@@ -36,7 +39,7 @@ def read_input(path: Path, image_root: Path | None = None) -> tuple[list[Record]
     if not Path(path).expanduser().exists():
         raise ValueError(f"input not found: {path}")
     src = open_source(str(path), images_dir=image_root)
-    records = list(src.records(TarStats()))  # damaged shards are counted and warned about
+    records = list(src.records(stats if stats is not None else TarStats()))
     if any(r.image is None for r in records[:1]):
         raise ValueError(f"{path}: no image path column (one of {PATH_COLUMNS}), so no images")
     classes = src.classes or []

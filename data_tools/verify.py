@@ -1,11 +1,13 @@
-"""Check a folder of WebDataset shards; exit 1 when anything is wrong.
+"""Check a folder of WebDataset shards (or one tar); exit 1 when anything is wrong.
 
-    python -m data_tools.verify SHARD_DIR [--grid out.png] [--grid-n 24] [--workers N]
+    python -m data_tools.verify SHARD_DIR_OR_TAR [--grid out.png] [--grid-n 24] [--workers N]
 
-Per shard: samples, images that do not decode, samples without an image or a caption, key
-collisions (within and across shards), unreadable/truncated tars, and disagreement with
-``sizes.json``. Prints a small table; ``--grid`` writes a contact sheet of sample images with
-their captions.
+Per shard: samples, images that do not decode, samples without an image or a caption (a
+labelled sample needs none), incomplete samples cut where a tar broke, key collisions (within
+and across shards), unreadable/truncated tars, and disagreement with ``sizes.json``. A tar of an
+ImageFolder tree is read as the evaluators and ``build_shards`` read it (the input layer's
+damage policy), so all report the same counts. Prints a small table; ``--grid`` writes a
+contact sheet of sample images with their captions (the path is checked before any reading).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,7 +28,15 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from clipkit.data.sources import expand_shards, sample_record
+from clipkit.data.shards import TAR_SUFFIXES
+from clipkit.data.sources import (
+    Record,
+    detect_kind,
+    expand_shards,
+    image_bytes,
+    open_source,
+    sample_record,
+)
 from clipkit.data.tar_samples import TarStats, tar_samples
 
 
@@ -39,7 +50,8 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
 
     Returns:
         ``{"shard", "samples", "keys", "undecodable", "no_image", "no_caption", "duplicates",
-        "error", "examples", "problems"}``.
+        "incomplete", "error", "examples", "problems"}``; ``samples`` counts the samples read,
+        ``incomplete`` those cut where the tar broke (not read, so not in ``samples``).
     """
     res: dict[str, Any] = {
         "shard": Path(path).name,
@@ -48,6 +60,7 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
         "no_image": 0,
         "no_caption": 0,
         "duplicates": 0,
+        "incomplete": 0,
         "error": "",
         "keys": [],
         "examples": [],
@@ -55,20 +68,15 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
     }
     stats = TarStats()
     seen: set[str] = set()
-    for sample in tar_samples([path], stats):
-        key = sample["__key__"]
+    for rec in _records(path, stats, res["problems"]):
+        key = rec.key
         res["samples"] += 1
         if key in seen:  # the same key again, after other samples
             res["duplicates"] += 1
             res["problems"].append(f"{key}: duplicate key")
         seen.add(key)
         res["keys"].append(key)
-        try:
-            rec = sample_record(sample)
-        except ValueError as err:
-            res["problems"].append(str(err))
-            rec = sample_record({k: v for k, v in sample.items() if k != "cls"})
-        img = rec.image
+        img = image_bytes(rec.image) if rec.image is not None else None
         if img is None:
             res["no_image"] += 1
             res["problems"].append(f"{key}: no image")
@@ -80,7 +88,7 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
                 res["undecodable"] += 1
                 res["problems"].append(f"{key}: undecodable image ({type(err).__name__})")
                 img = None
-        if not rec.captions:
+        if not rec.captions and rec.label is None:
             res["no_caption"] += 1
             res["problems"].append(f"{key}: no caption")
         if img is not None and len(res["examples"]) < grid_n:
@@ -88,10 +96,32 @@ def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
     for member in stats.duplicate_members:  # a field repeated within one sample
         res["duplicates"] += 1
         res["problems"].append(f"duplicate member {member.rpartition(':')[2]}")
+    res["incomplete"] = stats.partial_samples
     if stats.problems:
         p = stats.problems[0]
         res["error"] = f"{p.kind}: {p.reason}"
+        res["problems"] += [
+            f"{p.dropped_key}: incomplete sample" for p in stats.problems if p.dropped_key
+        ]
     return res
+
+
+def _records(path: str, stats: TarStats, problems: list[str]) -> Iterator[Record]:
+    """The records of one tar: an ImageFolder tar through the input layer, a shard grouped by
+    :func:`~clipkit.data.tar_samples.tar_samples` (a bad ``cls`` is reported, not raised)."""
+    try:
+        folder_tar = detect_kind(path) == "imagefolder-tar"
+    except ValueError:  # not a tar at all: tar_samples counts it as unreadable
+        folder_tar = False
+    if folder_tar:
+        yield from open_source(path, "imagefolder-tar").records(stats)
+        return
+    for sample in tar_samples([path], stats):
+        try:
+            yield sample_record(sample)
+        except ValueError as err:
+            problems.append(str(err))
+            yield sample_record({k: v for k, v in sample.items() if k != "cls"})
 
 
 def contact_sheet(examples: list[tuple[bytes, str]], out: Path, tile: int = 160) -> None:
@@ -124,12 +154,16 @@ def verify(shard_dir: Path, workers: int = 0, grid_n: int = 0) -> tuple[list[dic
     Raises:
         ValueError: ``shard_dir`` is not a folder of shards.
     """
-    if not shard_dir.is_dir():
-        raise ValueError(f"not a directory: {shard_dir}")
-    try:
-        shards = expand_shards(str(shard_dir))
-    except ValueError:
-        raise ValueError(f"no .tar shards in {shard_dir}") from None
+    one_tar = shard_dir.is_file() and shard_dir.name.endswith(TAR_SUFFIXES)
+    if one_tar:
+        shards = [str(shard_dir)]
+    elif not shard_dir.is_dir():
+        raise ValueError(f"not a directory or a .tar file: {shard_dir}")
+    else:
+        try:
+            shards = expand_shards(str(shard_dir))
+        except ValueError:
+            raise ValueError(f"no .tar shards in {shard_dir}") from None
     per_grid = -(-grid_n // len(shards)) if grid_n else 0
     workers = min(workers or os.cpu_count() or 1, len(shards))
     bar = tqdm(total=len(shards), unit="shard", desc="verify", disable=len(shards) < 4)
@@ -150,7 +184,9 @@ def verify(shard_dir: Path, workers: int = 0, grid_n: int = 0) -> tuple[list[dic
     if collisions:
         problems.append(f"{len(collisions)} keys appear in several shards, e.g. {collisions[:3]}")
     sizes_file = shard_dir / "sizes.json"
-    if sizes_file.is_file():
+    if one_tar:
+        pass  # one tar checked on its own: no dataset around it to need sizes.json
+    elif sizes_file.is_file():
         try:
             sizes = json.loads(sizes_file.read_text())
         except ValueError as err:
@@ -170,7 +206,7 @@ def verify(shard_dir: Path, workers: int = 0, grid_n: int = 0) -> tuple[list[dic
 
 
 def _table(results: list[dict]) -> str:
-    cols = ["shard", "samples", "undecodable", "no_image", "no_caption", "duplicates"]
+    cols = ["shard", "samples", "undecodable", "no_image", "no_caption", "duplicates", "incomplete"]
     rows = [[str(r[c]) for c in cols] + [r["error"][:40]] for r in results]
     tot = ["TOTAL"] + [str(sum(r[c] for r in results)) for c in cols[1:]]
     tot.append(f"{sum(bool(r['error']) for r in results)} unreadable")
@@ -212,7 +248,7 @@ def main(argv: list[str] | None = None, fail: bool = True) -> int:
     bad = any(
         r[c]
         for r in results
-        for c in ("undecodable", "no_image", "no_caption", "duplicates", "error")
+        for c in ("undecodable", "no_image", "no_caption", "duplicates", "incomplete", "error")
     ) or bool(problems)
     for msg in problems[:30]:
         print(f"PROBLEM: {msg}")

@@ -23,8 +23,14 @@ Kinds (:func:`detect_kind`):
 
 Order is fixed: files sorted by path parts (so ``<class>/...`` is class-major), tar members by
 class then name, shards in spec order and samples in tar order, tables in first-seen order.
-Damage: a truncated or corrupt tar is read up to the damage, counted in a
-:class:`~clipkit.data.tar_samples.TarStats` and named in one warning; never an exception.
+
+Damage, one policy for every reader (evaluation, ``clipkit embed``, ``data_tools``): a truncated
+or corrupt tar never raises; its readable samples are yielded, the damage is counted in a
+:class:`~clipkit.data.tar_samples.TarStats` (damaged tars, incomplete samples) and the file is
+named in one warning. A plain ImageFolder tar is read past garbage to its next valid header
+(:mod:`clipkit.data.tarscan`); a shard stream stops at the damage (:mod:`~clipkit.data.
+tar_samples`). Readers get the counts from :meth:`Source.records` (damage found while opening
+and while streaming, in one ``stats``) and report them with :func:`damage_report`.
 
 Parts: :mod:`clipkit.data.records` (the record type), :mod:`clipkit.data.tables` (the caption
 column rule), :mod:`clipkit.data.tarscan` (ImageFolder tars by offset),
@@ -154,7 +160,14 @@ class Source:
         return self.items is None
 
     def records(self, stats: TarStats | None = None) -> Iterator[Record]:
-        """Every record in order; ``stats`` counts damaged shards met while streaming."""
+        """Every record in order.
+
+        Args:
+            stats: receives the damage: what was found while opening (an ImageFolder tar is
+                scanned then) at once, and the shards met damaged while streaming.
+        """
+        if stats is not None:
+            merge_stats(stats, self.stats)
         if self.items is not None:
             return iter(self.items)
         return shard_records(self.shards, stats)
@@ -315,10 +328,7 @@ def iter_records(spec: str, kind: str = "auto", stats: TarStats | None = None, *
 
     ``stats`` receives the damage counts, both found while opening and while streaming.
     """
-    src = open_source(spec, kind, **kw)
-    if stats is not None:
-        merge_stats(stats, src.stats)
-    return src.records(stats)
+    return open_source(spec, kind, **kw).records(stats)
 
 
 def merge_stats(into: TarStats, other: TarStats) -> None:
@@ -327,6 +337,20 @@ def merge_stats(into: TarStats, other: TarStats) -> None:
         setattr(into, k, getattr(into, k) + v)
     into.problems += other.problems
     into.duplicate_members += other.duplicate_members
+
+
+def damage_report(stats: TarStats, examples: int = 10) -> dict[str, Any]:
+    """The damage fields every reader writes into its JSON, from one ``stats``.
+
+    Returns:
+        ``{"skipped_shards": damaged tars, "incomplete_samples": samples cut where a tar broke
+        (never yielded), "skipped_shard_examples": the first ``examples`` problems as text}``.
+    """
+    return {
+        "skipped_shards": stats.skipped_shards,
+        "incomplete_samples": stats.partial_samples,
+        "skipped_shard_examples": [str(p) for p in stats.problems[:examples]],
+    }
 
 
 def fingerprint(source: Source | str) -> dict[str, Any]:
@@ -385,6 +409,7 @@ __all__ = [
     "TarMember",
     "TarProblem",
     "TarStats",
+    "damage_report",
     "detect_kind",
     "expand_shards",
     "fingerprint",

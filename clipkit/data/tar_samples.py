@@ -66,6 +66,7 @@ class TarProblem:
     reason: str
     samples: int  # samples yielded from this shard before the problem
     dropped_key: str | None = None  # key of the incomplete last sample left out, if any
+    skipped_bytes: int = 0  # garbage a header scan skipped over to read on (0: read stopped)
 
     def __str__(self) -> str:
         dropped = (
@@ -73,6 +74,12 @@ class TarProblem:
             if self.dropped_key
             else ""
         )
+        if self.skipped_bytes:
+            return (
+                f"{self.url}: {self.kind} shard ({self.reason}); kept {self.samples} sample(s) "
+                f"before and after it{dropped}, skipped {self.skipped_bytes} damaged bytes "
+                "(the members whose headers lay there are lost)"
+            )
         return (
             f"{self.url}: {self.kind} shard ({self.reason}); "
             f"kept {self.samples} sample(s) before it{dropped}, skipped the rest of the shard"
@@ -192,6 +199,7 @@ def record_problem(
     kept: int,
     dropped: str | None = None,
     on_problem: Callable[[TarProblem], None] | None = None,
+    skipped_bytes: int = 0,
 ) -> TarProblem:
     """Count one damaged tar in ``stats`` and log the one warning line that names it.
 
@@ -205,8 +213,9 @@ def record_problem(
         kept: samples (or members) read before the damage.
         dropped: key of an incomplete sample left out, if any.
         on_problem: called with the :class:`TarProblem`.
+        skipped_bytes: damaged bytes a header scan skipped to read on after them.
     """
-    found = TarProblem(url, problem[0], problem[1], kept, dropped)
+    found = TarProblem(url, problem[0], problem[1], kept, dropped, skipped_bytes)
     if found.kind == TRUNCATED:
         stats.truncated_shards += 1
     else:

@@ -12,8 +12,12 @@ file. ``tarfile`` itself stops silently at an invalid header after the first one
 cut between two members), which would read a prefix of the set without a word; the scan tells:
 
 * ``truncated``: the file ends inside a header, inside a member's data, or without the
-  end-of-archive marker (:func:`~clipkit.data.shards.tar_end_ok`);
-* ``unreadable``: a header's checksum does not match (garbage in the middle of the file).
+  end-of-archive marker (:func:`~clipkit.data.shards.tar_end_ok`); a member cut short is left out
+  and counted as a partial sample (its key named);
+* ``unreadable``: a header's checksum does not match (garbage in the middle of the file). Unlike a
+  stream, a file can be searched: the scan skips 512-byte blocks to the next valid header (as GNU
+  tar's "skipping to next header" does) and keeps the members after the damage, so bytes written
+  over one spot cost the members they hit, not the rest of the tar.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from clipkit.data.shards import COMPRESSED_MAGIC, tar_end_ok
 from clipkit.data.tar_samples import TRUNCATED, UNREADABLE, TarStats, record_problem
@@ -103,7 +107,10 @@ def scan_tar(
         raise ValueError(f"cannot read tar {path}: {err.strerror or err}") from None
     out: list[TarMember] = []
     problem: tuple[str, str] | None = None
+    damaged: list[tuple[int, int]] = []  # (start, end) of garbage the scan skipped
+    dropped: str | None = None  # key of a member cut short by the end of the file
     long_name: str | None = None
+    magic = b""
     try:
         if f.read(6).startswith(COMPRESSED_MAGIC):
             raise ValueError(f"cannot read tar {path} by offset: it is compressed")
@@ -118,22 +125,34 @@ def scan_tar(
                 problem = (TRUNCATED, f"the file ends inside the tar header at byte {off}")
                 break
             if hdr == bytes(512):
+                # The end-of-archive marker, unless valid headers follow (a zeroed region).
+                nxt = _next_header(f, off + 512, magic) if off else None
+                if nxt is not None:
+                    damaged.append((off, nxt))
+                    off, long_name = nxt, None
+                    continue
                 if not tar_end_ok(path):
                     problem = (TRUNCATED, "the end-of-archive marker is cut short")
                 break
-            try:
-                chksum = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
-                size = _number(hdr[124:136])
-            except ValueError:
-                chksum, size = -1, 0
-            if chksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            size = _header_size(hdr)
+            if size is None:
                 if off == 0:
                     raise ValueError(f"cannot read tar {path}: not a tar file")
-                problem = (UNREADABLE, f"invalid tar header at byte {off}")
-                break
+                nxt = _next_header(f, off + 512, magic)
+                damaged.append((off, nxt if nxt is not None else file_size))
+                long_name = None  # a long name before the damage belongs to a lost member
+                if nxt is None:
+                    break
+                off = nxt
+                continue
+            if off == 0:
+                magic = hdr[257:263]
             data_off = off + 512
             if data_off + size > file_size:
-                problem = (TRUNCATED, f"the file ends inside member {_name(hdr)}")
+                cut = _name(hdr)
+                problem = (TRUNCATED, f"the file ends inside member {cut}")
+                if hdr[156:157] in _FILE_TYPES:
+                    dropped = (long_name or cut).removeprefix("./").rsplit(".", 1)[0]
                 break
             kind = hdr[156:157]
             if kind == _GNU_LONGNAME:
@@ -150,9 +169,49 @@ def scan_tar(
         f.close()
     stats.shards += 1
     stats.samples += len(out)
+    if damaged:
+        problem = _garbage_problem(damaged, problem)
     if problem is not None and limit is None:
-        record_problem(stats, path, problem, len(out))
+        skipped = sum(end - start for start, end in damaged)
+        record_problem(stats, path, problem, len(out), dropped, skipped_bytes=skipped)
     return out
+
+
+def _header_size(hdr: bytes) -> int | None:
+    """The member size a 512-byte header gives, or None when its checksum does not match."""
+    try:
+        chksum = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
+        size = _number(hdr[124:136])
+    except ValueError:
+        return None
+    return size if chksum == sum(hdr[:148]) + 256 + sum(hdr[156:]) else None
+
+
+def _next_header(f: Any, pos: int, magic: bytes) -> int | None:
+    """Offset of the next block from ``pos`` that is a valid header with the tar's ``magic``.
+
+    Blocks of member data are skipped; a header must checksum and carry the same format magic
+    as the tar's first header, so image bytes are not taken for one (a random block passes the
+    checksum about once in 10^5 and the magic once in 2^48 more). A member that is itself a
+    tar could still match; ImageFolder tars hold images.
+    """
+    f.seek(pos)
+    while True:
+        block = f.read(512)
+        if len(block) < 512:
+            return None
+        if block[257:263] == magic and block != bytes(512) and _header_size(block) is not None:
+            return pos
+        pos += 512
+
+
+def _garbage_problem(
+    damaged: list[tuple[int, int]], problem: tuple[str, str] | None
+) -> tuple[str, str]:
+    start, end = damaged[0]
+    more = f" and {len(damaged) - 1} more damaged region(s)" if len(damaged) > 1 else ""
+    reason = f"invalid tar header at byte {start}, skipped to byte {end}{more}"
+    return UNREADABLE, reason + (f"; then {problem[1]}" if problem else "")
 
 
 def _name(hdr: bytes) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from clipkit.data.sources import Source, TarMember, fingerprint, image_bytes
+from clipkit.data.sources import Source, TarMember, damage_report, fingerprint, image_bytes
 from clipkit.data.tar_samples import TarStats
 from clipkit.embed.embedder import Embedder, load_image
 from clipkit.embed.sources import Record, iter_records, open_input
@@ -265,9 +265,7 @@ def embed_dataset(
 def _write_manifest(path: Path, manifest: dict[str, Any], stats: TarStats) -> None:
     """Write ``manifest`` with the shard damage counted so far (shard inputs only)."""
     if manifest["kind"] == "shards":
-        manifest["skipped_shards"] = stats.skipped_shards
-        manifest["incomplete_samples"] = stats.partial_samples
-        manifest["skipped_shard_examples"] = [str(p) for p in stats.problems[:10]]
+        manifest.update(damage_report(stats))
     path.write_text(json.dumps(manifest, indent=2))
 
 

@@ -107,6 +107,4 @@ def iter_records(
         ValueError: unknown kind or unreadable input.
     """
     src = spec if isinstance(spec, sources.Source) else open_input(spec, kind)[0]
-    if stats is not None:
-        sources.merge_stats(stats, src.stats)
     return (_record(i, r) for i, r in enumerate(src.records(stats)))

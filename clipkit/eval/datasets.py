@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 
 from clipkit.data.decode import DecodeError, open_pil
 from clipkit.data.sources import Record, image_bytes, open_source, shard_records
-from clipkit.data.tar_samples import TarProblem
+from clipkit.data.tar_samples import TarProblem, TarStats
 
 
 def decode_image(data: bytes) -> Image.Image | None:
@@ -194,7 +194,8 @@ def open_labelled(spec: str, transform: Any, split: str = "test") -> LabelledSet
     if src.streamed:
         ds: Any = LabelledShards(src.shards, transform)
     else:
-        ds = RecordList(src.items, True, transform, src.stats.problems)
+        stats = TarStats()  # an ImageFolder tar's damage, found when it was opened
+        ds = RecordList(list(src.records(stats)), True, transform, stats.problems)
     return LabelledSet(ds, src.name, src.classes, src.templates_file)
 
 
@@ -244,10 +245,11 @@ def open_captions(spec: str, transform: Any, images_dir: str | None = None) -> A
         return CaptionShards(src.shards, transform)
     if src.kind == "captions" and any(r.image is None for r in src.items[:1]):
         raise ValueError(f"caption file {spec}: no image path column, so no images to retrieve")
-    items = [r for r in src.items if r.image is not None and r.captions]
+    stats = TarStats()
+    items = [r for r in src.records(stats) if r.image is not None and r.captions]
     if not items:
         raise ValueError(f"no images with captions in {spec}")
-    return RecordList(items, False, transform, src.stats.problems)
+    return RecordList(items, False, transform, stats.problems)
 
 
 def caption_loader(

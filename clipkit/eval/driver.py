@@ -112,7 +112,7 @@ def skip_report(
     if n_shards:
         example = log.shard_keys[0] if log.shard_keys else "?"
         lines.append(
-            f"warning: {n_shards} shard(s) truncated or unreadable, read up to the damage, "
+            f"warning: {n_shards} shard(s) truncated or unreadable, their readable samples kept, "
             f"e.g. {example}"
         )
     return extra, lines
