@@ -19,7 +19,7 @@ from clipkit.embed.catalog import Catalog
 def served(embedder, tmp_path_factory):
     folder, ix = build_catalog_dir(embedder, tmp_path_factory.mktemp("app"))
     limits = ServeLimits(max_body_bytes=200_000, max_pixels=100 * 100, max_k=20, max_batch=8)
-    client = TestClient(create_app(embedder, Catalog.load(ix), limits))
+    client = TestClient(create_app(embedder, Catalog.load(ix), limits), base_url="http://localhost")
     return client, folder
 
 
@@ -127,6 +127,6 @@ def test_refuses_index_of_another_model(served, tmp_path) -> None:
     other = Embedder.load("open_clip:clipkit-tiny")
     with pytest.raises(ValueError, match="this index holds vectors of model"):
         create_app(other, Catalog.load(ix))
-    bare = TestClient(create_app(other, None))
+    bare = TestClient(create_app(other, None), base_url="http://localhost")
     r = bare.post("/search", json={"text": "x"})
     assert r.status_code == 404 and "no index" in json.loads(r.text)["detail"]

@@ -45,7 +45,8 @@ def test_chunked_body_over_limit_is_413(embedder) -> None:
             for _ in range(10):
                 yield b"x" * 300
 
-        r = httpx.post(srv.url + "/embed/text", content=chunks(), timeout=30)
+        ctype = {"content-type": "application/json"}
+        r = httpx.post(srv.url + "/embed/text", content=chunks(), headers=ctype, timeout=30)
         assert r.request.headers.get("transfer-encoding") == "chunked"
         assert r.status_code == 413 and "exceeds the limit of 1000 bytes" in r.json()["detail"]
         assert httpx.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}
