@@ -173,6 +173,9 @@ def load_pair(zeroshot: str, finetuned: str) -> tuple[DualEncoder, DualEncoder]:
     from clipkit.models.load import load_model
     from clipkit.models.pretrained import load_pretrained, resolve_pretrained
 
+    for flag, spec in (("--zeroshot", zeroshot), ("--finetuned", finetuned)):
+        if spec.startswith("open_clip:"):  # load_model would give random weights
+            raise ValueError(f"{flag} {spec} names no weights; give a folder or weights file")
     try:
         ft, _ = load_model(finetuned, seed=None)
     except ValueError as err:

@@ -162,6 +162,9 @@ def test_output_and_input_refusals(pair, tmp_path, capsys) -> None:
     out = tmp_path / "bad"
     _refused(capsys, _wise(tmp_path / "nowhere", ft, out, "--alpha", "0.5"), out, "--zeroshot")
     _refused(capsys, _wise(zs, tmp_path / "nowhere", out, "--alpha", "0.5"), out, "--finetuned:")
+    _refused(
+        capsys, _wise("open_clip:ViT-B-32", ft, out, "--alpha", "0.5"), out, "names no weights"
+    )
     _refused(capsys, _wise(zs, ft, out, "--alphas", "0,2", "--eval", "x.tar"), out, "--alphas")
     _refused(capsys, _wise(zs, ft, out, "--alphas", "0,1"), out, "needs at least one --eval")
     _refused(capsys, _wise(zs, ft, out, "--alphas", "0,1", "--eval", str(tmp_path / "no.tar")), out,
