@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("embed",): ("clipkit.embed.embed_cli", "embed shards/folders/captions into .npy + parquet"),
     ("index",): ("clipkit.embed.index_cli", "build or extend a faiss index"),
     ("serve",): ("clipkit.embed.serve_cli", "serve embedding + search over HTTP"),
+    ("export",): ("clipkit.models.export_cli", "write a model as open_clip, HF or ONNX folder"),
     ("wise-ft",): ("clipkit.models.wise_ft_cli", "WiSE-FT: interpolate zero-shot and fine-tuned"),
 }
 

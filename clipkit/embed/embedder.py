@@ -1,5 +1,10 @@
 """Embedder: batched text and image embeddings from a clipkit / open_clip model, in input order.
 
+Two backends behind one API: a PyTorch :class:`~clipkit.models.DualEncoder` (any device,
+autocast), or an ONNX export (``clipkit export --format onnx``) run by onnxruntime on the CPU
+through :class:`~clipkit.embed.onnx_model.OnnxModel`, whose tokenizer, image preprocessing and
+forward use no torch (images are still decoded by :func:`load_image`).
+
 Example:
     >>> emb = Embedder.load("runs/coco/export")          # or a run dir, or "open_clip:ViT-B-32"
     >>> t = emb.encode_text(["a dog", "a cat"])          # (2, D) float32 numpy, L2-normalised
@@ -21,6 +26,7 @@ import torch
 from PIL import Image
 
 from clipkit.data.decode import DecodeError, open_pil, to_rgb
+from clipkit.embed.onnx_model import OnnxModel, default_threads, is_onnx_export
 from clipkit.models import DualEncoder
 
 ImageInput = Any  # str | Path | PIL.Image.Image | bytes | np.ndarray
@@ -95,24 +101,40 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
 
 
 class Embedder:
-    """Batched, order-preserving embeddings from a :class:`DualEncoder`.
+    """Batched, order-preserving embeddings from a :class:`DualEncoder` or an ONNX export.
 
     fp32 on CPU; on CUDA, fp16 autocast by default (``precision="bf16"`` or ``"fp32"`` to change).
+    An :class:`~clipkit.embed.onnx_model.OnnxModel` runs fp32 on the CPU (onnxruntime).
 
     Attributes:
-        model: the dual encoder (eval mode).
+        model: the dual encoder (eval mode) or the ONNX model.
         model_id: fingerprint of the weights (:func:`model_fingerprint`), recorded by indexes.
         dim: embedding dimension D.
     """
 
     def __init__(
         self,
-        model: DualEncoder,
+        model: DualEncoder | OnnxModel,
         device: str | None = None,
         precision: str | None = None,
         name: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
+        self.onnx = isinstance(model, OnnxModel)
+        if self.onnx:
+            if device not in (None, "cpu") or precision not in (None, "fp32"):
+                raise ValueError(
+                    f"an ONNX export runs fp32 on the CPU (onnxruntime), not device={device} "
+                    f"precision={precision}"
+                )
+            self.device = torch.device("cpu")
+            self.precision, self._amp_dtype = "fp32", None
+            self.model = model
+            self.name = name or model.name
+            self.model_id = model.model_id
+            self.dim = model.embed_dim
+            self.max_pixels = max_pixels
+            return
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision is None:
             precision = "fp16" if self.device.type == "cuda" else "fp32"
@@ -135,12 +157,14 @@ class Embedder:
         device: str | None = None,
         precision: str | None = None,
     ) -> Embedder:
-        """Load from an export dir, a training run dir (its ``export/``), a checkpoint folder or
-        ``open_clip:ARCH`` (see :func:`clipkit.models.load.load_model`).
+        """Load from an export dir, a training run dir (its ``export/``), a checkpoint folder,
+        an HF ``CLIPModel`` folder, ``open_clip:ARCH`` (see
+        :func:`clipkit.models.load.load_model`) or an ONNX export (onnxruntime backend).
 
         Args:
             source: export folder (``open_clip_config.json`` + weights), run folder holding
-                ``export/``, checkpoint folder, or ``open_clip:ARCH`` (architecture name).
+                ``export/``, checkpoint folder, HF ``CLIPModel`` folder, ONNX export folder
+                (``preprocess.json`` + ``image.onnx`` + ``text.onnx``), or ``open_clip:ARCH``.
             weights: local weights file for ``open_clip:ARCH`` (random init when omitted).
             device: ``cpu``/``cuda``; default cuda when available.
             precision: ``fp32``/``fp16``/``bf16``; default fp16 on cuda, fp32 on cpu.
@@ -150,11 +174,17 @@ class Embedder:
         """
         from clipkit.models.load import load_model
 
+        if is_onnx_export(source):
+            if weights:
+                raise ValueError(f"a weights file applies only to open_clip:ARCH, not to {source}")
+            return cls(OnnxModel(source, threads=default_threads()), device, precision)
         model, name = load_model(str(source), weights or "", seed=None)
         return cls(model, device, precision, name=name)
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, fn: Callable[[Any], Any], x: Any) -> torch.Tensor:
+        if self.onnx:  # numpy in, numpy out; torch only wraps the result (no copy)
+            return torch.from_numpy(fn(x))
         with torch.inference_mode():
             x = x.to(self.device, non_blocking=True)
             if self._amp_dtype is not None and self.device.type != "cpu":
@@ -166,8 +196,8 @@ class Embedder:
         self,
         n: int,
         batch_size: int,
-        prepare: Callable[[int, int], torch.Tensor],
-        fn: Callable[[torch.Tensor], torch.Tensor],
+        prepare: Callable[[int, int], Any],
+        fn: Callable[[Any], Any],
         progress: bool | None,
         desc: str,
     ) -> torch.Tensor:
@@ -227,17 +257,25 @@ class Embedder:
             if not isinstance(t, str):
                 raise ValueError(f"text {i}: expected a string, got {type(t).__name__}")
 
-        def prepare(s: int, e: int) -> torch.Tensor:
+        def prepare(s: int, e: int) -> Any:
             return self.model.tokenize(items[s:e])  # (b, L)
 
-        def fn(tok: torch.Tensor) -> torch.Tensor:
+        def fn(tok: Any) -> Any:
             return self.model.encode_text(tok, normalize=normalize)
 
         emb = self._run(len(items), batch_size, prepare, fn, progress, "embed text")
         return self._finish(emb, single, output)
 
-    def preprocess(self, images: Sequence[ImageInput], offset: int = 0) -> torch.Tensor:
-        """Decode and transform images into the model's input batch ``(B, 3, H, W)``."""
+    def preprocess(self, images: Sequence[ImageInput], offset: int = 0) -> Any:
+        """Decode and transform images into the model's input batch ``(B, 3, H, W)``
+        (a float32 numpy array for an ONNX model)."""
+        if self.onnx:
+            return np.stack(
+                [
+                    self.model.preprocess(load_image(im, self.max_pixels, f"image {offset + i}"))
+                    for i, im in enumerate(images)
+                ]
+            )
         pp = self.model.preprocess_eval
         return torch.stack(
             [
@@ -272,15 +310,14 @@ class Embedder:
             ValueError: an image cannot be read (the message gives its position).
         """
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
+        def fn(x: Any) -> Any:
             return self.model.encode_image(x, normalize=normalize)
 
         if isinstance(images, torch.Tensor):
             if images.ndim != 4:
                 raise ValueError(f"image tensor must be (N, 3, H, W), got {tuple(images.shape)}")
-            emb = self._run(
-                len(images), batch_size, lambda s, e: images[s:e], fn, progress, "embed image"
-            )
+            x = images.detach().cpu().float().numpy() if self.onnx else images
+            emb = self._run(len(x), batch_size, lambda s, e: x[s:e], fn, progress, "embed image")
             return self._finish(emb, False, output)
         single = isinstance(images, str | Path | bytes | bytearray | Image.Image) or (
             isinstance(images, np.ndarray) and images.ndim in (2, 3)

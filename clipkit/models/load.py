@@ -5,7 +5,12 @@ Accepted: an export folder (``open_clip_config.json`` + weights), a training run
 ``open_clip:ARCH`` (an open_clip or clipkit architecture, with an optional local weights file);
 also an image-SSL export (``ssl_config.json``: an :class:`~clipkit.models.ssl.SSLModel`, whose
 ``encode_image`` gives backbone features) or a run folder holding one.
-``clipkit eval`` and ``clipkit embed`` / ``serve`` both read models through :func:`load_model`.
+A Hugging Face ``transformers`` ``CLIPModel`` folder (``clipkit export --format hf``, or any
+CLIPModel with CLIP's vocabulary) loads as the open_clip model it maps to
+(:func:`clipkit.models.export_hf.load_hf_clip`, bit-exact weights). An ONNX export has no
+PyTorch model: ``Embedder.load`` reads it (onnxruntime); here it is refused in one line.
+``clipkit eval``, ``clipkit export`` and ``clipkit embed`` / ``serve`` all read models through
+:func:`load_model`.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ def load_model(
     """A DualEncoder and its canonical name from a model argument.
 
     Args:
-        spec: export folder, run folder holding ``export/``, checkpoint folder, or
-            ``open_clip:ARCH``.
+        spec: export folder, run folder holding ``export/``, checkpoint folder, HF
+            ``CLIPModel`` folder, or ``open_clip:ARCH``.
         pretrained: for ``open_clip:ARCH``, a local weights file; empty means random weights
             drawn with ``seed`` (useful for tests, meaningless as a score; a warning says so).
         seed: seed of the random initialisation, announced on stderr when there are no weights
@@ -94,11 +99,22 @@ def load_model(
         return load_dual_encoder(p), str(p)
     if (p / "export" / EXPORT_CONFIG).is_file():
         return load_dual_encoder(p / "export"), str(p / "export")
+    from clipkit.models.export_hf import is_hf_clip, load_hf_clip
+
+    if is_hf_clip(p):
+        return load_hf_clip(p), str(p)
     if (p / "config.yaml").is_file():
         return _load_checkpoint(p), str(p)
+    from clipkit.embed.onnx_model import is_onnx_export
+
+    if is_onnx_export(p):
+        raise ValueError(
+            f"model '{spec}' is an ONNX export: Embedder.load, clipkit embed and clipkit serve "
+            "read it; evaluation and export need the PyTorch model (open_clip or hf export)"
+        )
     raise ValueError(
         f"model '{spec}': not an export folder ({EXPORT_CONFIG}), a run folder with export/, "
-        "a checkpoint folder (config.yaml) or open_clip:ARCH"
+        "a checkpoint folder (config.yaml), a Hugging Face CLIPModel folder or open_clip:ARCH"
     )
 
 
