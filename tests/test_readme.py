@@ -79,6 +79,13 @@ TINY_SSL = (
     "ssl.backbone=timm:resnet10t ssl.proj_hidden=64 ssl.proj_dim=32"
 )
 
+# Shrinks a CIFAR-10 caption-shard CLIP config (fine-tuning) to 2 CPU steps on the SLIP section's
+# shards of the train cut, zero-shot on the test cut.
+TINY_CIFAR_CLIP = (
+    "data.train=shards/cifar10_train/{00000..00003}.tar data.workers=0 "
+    f"eval.zeroshot={CIFAR_TEST} train.max_steps=2 train.batch_size=16 train.trackers=[]"
+)
+
 
 @dataclass(frozen=True)
 class Run:
@@ -235,6 +242,30 @@ COMMANDS: dict[str, Run] = {
         "eval.knn_k=5 train.max_steps=2 train.batch_size=16 train.trackers=[]",
         how="python (one CPU process), 2 steps of 16 on the shards above, zero-shot and kNN on "
         "the CIFAR cuts",
+    ),
+    "accelerate launch scripts/train.py --config configs/slip_cifar10.yaml loss.ssl_weight=0 "
+    "train.output_dir=runs/clip_cifar10": Run(
+        "clip_cifar10",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_CIFAR_CLIP + " eval.knn= eval.knn_train=",
+        how="python (one CPU process), 2 steps of 16 on the SLIP section's shards, zero-shot on "
+        "the CIFAR test cut",
+    ),
+    "accelerate launch scripts/train.py --config configs/finetune_cifar10.yaml": Run(
+        "finetune",
+        subs=(("accelerate launch ", "python "),),
+        extra=TINY_CIFAR_CLIP,
+        how="python (one CPU process), from runs/clip_cifar10 above, 2 steps of 16 on the same "
+        "shards, zero-shot on the CIFAR test cut",
+    ),
+    "clipkit wise-ft --zeroshot runs/clip_cifar10 --finetuned runs/finetune_cifar10 --alpha 0.5 "
+    "--output runs/wise_ft": Run("wise_ft", how="as written, on the two runs above"),
+    "clipkit wise-ft --zeroshot runs/clip_cifar10 --finetuned runs/finetune_cifar10 --alphas "
+    "0,0.25,0.5,0.75,1 --eval ../shared/data/cifar10/test.tar --classnames cifar10 --templates "
+    "cifar10 --output wise_ft_sweep": Run(
+        "wise_ft_sweep",
+        subs=((CIFAR_README, CIFAR_TEST),),
+        how="on the two runs above, 100 CIFAR-10 test images per point",
     ),
     "clipkit embed --model runs/mine --input 'shards/{00000..00127}.tar' --output emb/": Run(
         "embed", subs=((SHARDS_README, SHARDS_TEST),), how="the run and shards above"
@@ -549,6 +580,35 @@ def test_slip(work: Path, env: dict[str, str]) -> None:
     logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss_ssl" in x for x in logs), logs
     assert (run / "export" / "open_clip_config.json").is_file()
+
+
+# ------------------------------------------------------------------ fine-tuning and WiSE-FT
+@pytest.mark.slow
+def test_finetune_and_wise_ft(work: Path, env: dict[str, str]) -> None:
+    """Zero-shot run -> fine-tune from it (model.pretrained) -> one WiSE-FT point -> a sweep."""
+    from safetensors.torch import load_file
+
+    if not (work / "shards" / "cifar10_train" / "sizes.json").is_file():  # test_slip's shards
+        ok(run_readme("slip_shards", work, env))
+    ok(run_readme("clip_cifar10", work, env))
+    out = ok(run_readme("finetune", work, env))
+    assert "eval/zeroshot/cifar10/acc1=" in out, out[-2000:]
+    assert (
+        "pretrained: runs/clip_cifar10" in (work / "runs/finetune_cifar10/config.yaml").read_text()
+    )
+    ok(run_readme("wise_ft", work, env))
+    zs, ft, mid = (
+        load_file(str(work / "runs" / r / "open_clip_model.safetensors"))
+        for r in ("clip_cifar10/export", "finetune_cifar10/export", "wise_ft")
+    )
+    for k in ("visual.proj", "text_projection", "logit_scale"):
+        mean = (zs[k].double() + ft[k].double()) / 2
+        assert bool(((mid[k].double() - mean).abs() <= mean.abs() * 2.0**-24).all()), k
+    out = ok(run_readme("wise_ft_sweep", work, env))
+    res = json.loads((work / "wise_ft_sweep" / "wise_ft.json").read_text())
+    assert [p["alpha"] for p in res["points"]] == [0, 0.25, 0.5, 0.75, 1]
+    assert all(p["n"] == {"cifar10": 100} for p in res["points"]), res["points"]
+    assert (work / "wise_ft_sweep" / "wise_ft.png").is_file() and "| alpha |" in out
 
 
 # ---------------------------------------------------------------------------------------- SimCSE
