@@ -22,13 +22,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from clipkit.data.decode import normalize
+from clipkit.data.elastic import (
+    Piece,
+    Stream,
+    merged_stats,
+    plan_quotas,
+    remaining_pieces,
+    split_pieces,
+)
 from clipkit.data.shards import Plan, Source, parse_spec, plan_epoch, plan_resampled
 from clipkit.data.stream import STAT_KEYS, ReaderSpec, ShardStream
 from clipkit.data.views import ViewSpec
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ShardLoader:
@@ -38,7 +46,11 @@ class ShardLoader:
         num_batches: batches per epoch on this rank (None in eval mode without sizes.json).
         stats: skip counters of the current epoch (corrupt images, missing captions, ...).
         classes: class names of an ImageFolder input (label i is ``classes[i]``), else None.
+        elastic: :meth:`load_state_dict` takes every rank's states and resumes on another
+            number of ranks, workers or batch size.
     """
+
+    elastic = True
 
     def __init__(
         self,
@@ -96,6 +108,10 @@ class ShardLoader:
         self._pos = [0] * W
         self._produced = [0] * W
         self._next_reader = 0
+        # The epoch's streams are this layout's readers until an elastic resume hands them on.
+        self._layout = (self.world_size, W)
+        self._pieces: list[list[Piece]] | None = None
+        self._piece_idx = [0] * W
         self._batches = 0
         self._done = False
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
@@ -124,6 +140,9 @@ class ShardLoader:
             start_pos=list(self._pos),
             produced=list(self._produced),
             rotation=self._next_reader,
+            pieces=self._pieces,
+            piece_idx=list(self._piece_idx),
+            streams=self._streams() if self._pieces is not None else {},
         )
         base = dict(self.stats)
         self._worker_stats = {}
@@ -151,6 +170,7 @@ class ShardLoader:
                 continue  # stats-only end-of-stream marker
             self._pos[r] = meta["pos"]
             self._produced[r] = meta["produced"]
+            self._piece_idx[r] = meta["piece"]
             self._next_reader = (r + 1) % W
             self._batches += 1
             yield item
@@ -174,25 +194,42 @@ class ShardLoader:
             "world_size": self.world_size,
             "batch_size": self.spec.batch_size,
             "seed": self.spec.seed,
+            "resampled": self.spec.resampled,
+            # What an elastic resume needs (clipkit.data.elastic): this rank, its readers'
+            # quotas, the layout of the epoch's streams and the pieces read since a resume.
+            "rank": self.spec.rank,
+            "quotas": list(self.plan.quotas),
+            "num_batches": self.num_batches,
+            "layout": list(self._layout),
+            "pieces": None if self._pieces is None else [list(map(list, r)) for r in self._pieces],
+            "piece_idx": list(self._piece_idx),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the loader must be built with the same layout.
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Restore a :meth:`state_dict`, or continue from every rank's states.
+
+        Args:
+            state: this rank's state saved on the same layout, or the list of every rank's
+                states (rank order, as a checkpoint holds them) saved on any number of ranks,
+                workers and batch size: the epoch continues where it stopped, every remaining
+                sample read once (:mod:`clipkit.data.elastic`).
 
         Raises:
-            ValueError: when workers, world size, batch size or seed differ from the saved run.
+            ValueError: a different seed or mode (resampled); one rank's state of another
+                layout; states too old to resume on another layout (one line each).
         """
-        for key, mine in (
-            ("readers", max(self.workers, 1)),
-            ("world_size", self.world_size),
-            ("batch_size", self.spec.batch_size),
-            ("seed", self.spec.seed),
-        ):
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"data state: saved {key}={state.get(key)} but this run has {key}={mine}; "
-                    "exact resume needs the same data layout"
-                )
+        if isinstance(state, list):
+            mine = state[self.spec.rank] if len(state) == self.world_size else None
+            if mine is None or self._layout_change(mine):
+                self._load_elastic(state)
+                return
+            state = mine
+        change = self._layout_change(state)
+        if change:
+            raise ValueError(
+                f"data state: saved {change}; exact resume on another layout needs every "
+                "rank's state (the checkpoint's list)"
+            )
         self._epoch = -1
         self.set_epoch(int(state["epoch"]))
         self._batches = int(state["batches"])
@@ -200,6 +237,89 @@ class ShardLoader:
         self._produced = [int(p) for p in state["produced"]]
         self._next_reader = int(state["next_reader"])
         self.stats = {k: int(v) for k, v in state["stats"].items()}
+        if state.get("pieces") is not None:  # an epoch already resumed on this layout
+            self._layout = tuple(state["layout"])
+            self._pieces = [[tuple(p) for p in r] for r in state["pieces"]]
+            self._piece_idx = [int(k) for k in state["piece_idx"]]
+            W = len(self._pieces)
+            self.plan = Plan([[] for _ in range(W)], list(state["quotas"]))
+            self.num_batches = self.plan.num_batches = int(state["num_batches"])
+
+    def _layout_change(self, state: dict[str, Any]) -> str:
+        """'' when ``state`` was saved on this layout, else what differs (``world_size=2 but
+        this run has world_size=1``)."""
+        self._check_same(state, "seed", self.spec.seed)
+        self._check_same(state, "resampled", self.spec.resampled, default=False)
+        for key, mine in (
+            ("readers", max(self.workers, 1)),
+            ("world_size", self.world_size),
+            ("batch_size", self.spec.batch_size),
+        ):
+            if state.get(key) != mine:
+                return f"{key}={state.get(key)} but this run has {key}={mine}"
+        return ""
+
+    @staticmethod
+    def _check_same(state: dict[str, Any], key: str, mine: Any, default: Any = None) -> None:
+        if state.get(key, default) != mine:
+            raise ValueError(
+                f"data state: saved {key}={state.get(key, default)} but this run has "
+                f"{key}={mine}; resume needs the same data.{key} (or train.{key})"
+            )
+
+    def _load_elastic(self, states: list[dict[str, Any]]) -> None:
+        """Continue the saved epoch on this layout (see :mod:`clipkit.data.elastic`)."""
+        for st in states:
+            self._check_same(st, "seed", self.spec.seed)
+            self._check_same(st, "resampled", self.spec.resampled, default=False)
+        first = states[0]
+        if any("layout" not in st for st in states):
+            raise ValueError(
+                f"data state: saved by an older clipkit on {first.get('world_size')} ranks x "
+                f"{first.get('readers')} readers; resume it on that layout"
+            )
+        if self.spec.resampled:
+            raise ValueError(
+                "data.resampled=true draws shards with replacement: resume on the saved number "
+                f"of processes ({first['world_size']}) and data.workers ({first['readers']})"
+            )
+        self._epoch = -1
+        self.set_epoch(int(first["epoch"]))
+        K = len(self.plan.urls)
+        self._layout = tuple(first["layout"])
+        chunks = split_pieces(remaining_pieces(states, self._streams()), self.world_size * K)
+        rank = self.spec.rank
+        quotas, num_batches = plan_quotas(chunks, self.world_size, K, rank, self.spec.batch_size)
+        self._pieces = chunks[rank * K : (rank + 1) * K]
+        counts = [sum(e - b for _, b, e in c) for c in self._pieces]
+        self.plan = Plan([[] for _ in range(K)], quotas, num_batches=num_batches, counts=counts)
+        self.num_batches = num_batches
+        # The saved ranks' skip counters go on in rank 0, so their sum stays the epoch's.
+        merged = merged_stats(states) if rank == 0 else {}
+        self.stats = {k: merged.get(k, 0) for k in (*STAT_KEYS, *merged)}
+
+    def _streams(self) -> dict[int, Stream]:
+        """The current epoch's streams: the readers of the layout it started on."""
+        key = (self._epoch, self._layout)
+        if getattr(self, "_stream_key", None) != key:
+            W0, K0 = self._layout
+            self._stream_cache: dict[int, Stream] = {}
+            for r in range(W0):
+                plan = plan_epoch(
+                    self.sources,
+                    epoch=self._epoch,
+                    seed=self.spec.seed,
+                    rank=r,
+                    world_size=W0,
+                    workers=K0,
+                    batch_size=1,  # the streams do not depend on the batch size
+                    train=True,
+                    num_samples=self.num_samples,
+                )
+                for w in range(K0):
+                    self._stream_cache[r * K0 + w] = Stream(r, w, plan.urls[w], plan.counts[w])
+            self._stream_key = key
+        return self._stream_cache
 
     # -- device side ---------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -5,11 +5,14 @@ Its raw sample stream (shards in plan order, then a seeded shuffle buffer over u
 is a pure function of ``(seed, epoch, rank, reader)``, and each sample's crop and caption are
 drawn from a random source seeded by its position in that stream. So resuming at position ``p``
 replays the raw stream up to ``p`` without decoding anything and continues with the very
-samples, crops and captions an uninterrupted run would have produced.
+samples, crops and captions an uninterrupted run would have produced. After a resume on another
+layout (:mod:`clipkit.data.elastic`) a worker plays *pieces* of the epoch's original streams
+instead, each with that stream's seeds.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import tarfile
@@ -23,6 +26,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipkit.data.decode import DecodeError, crop_params, eval_crop, train_crop
+from clipkit.data.elastic import Piece, Stream
 from clipkit.data.records import image_bytes
 from clipkit.data.shards import Plan, is_url, part_range, split_part, tar_end_ok
 from clipkit.data.views import ViewSpec, all_views
@@ -70,20 +74,34 @@ class ReaderSpec:
     # Record inputs by spec (ImageFolder folders/tars, image folders): the plan's part urls
     # (clipkit.data.shards.part_url) index into these.
     records: dict[str, list[Any]] = field(default_factory=dict)
+    # Elastic resume (clipkit.data.elastic): per logical reader of this rank, the pieces of the
+    # epoch's streams it reads in order (None: reader r reads its plan's shards), the piece
+    # it resumes in, and the streams by id.
+    pieces: list[list[Piece]] | None = None
+    piece_idx: list[int] = field(default_factory=list)
+    streams: dict[int, Stream] = field(default_factory=dict)
 
 
 class _Reader:
-    """One logical reader's stream."""
+    """One logical reader's stream: by default reader ``reader`` of this rank's plan; with
+    ``stream``, a stream of the epoch's first layout (its shards and seeds)."""
 
-    def __init__(self, spec: ReaderSpec, reader: int):
+    def __init__(self, spec: ReaderSpec, reader: int, stream: Stream | None = None):
         self.s = spec
         self.r = reader
+        if stream is None:
+            self.rank, self.sr = spec.rank, reader
+            self.urls, self.quota = spec.plan.urls[reader], spec.plan.quotas[reader]
+        else:
+            self.rank, self.sr, self.urls = stream.rank, stream.worker, stream.urls
+            self.quota = None
         self.stats: Counter = Counter()
         self.padding = False  # in a padding pass: samples were already counted
         self.skipping = False  # replaying consumed samples: counted before the checkpoint
         self.good_in_pass = 0
         self._shard_errors: set[str] = set()  # error kinds already counted for this shard
         self._orders: dict[str, list[int]] = {}  # record input -> this epoch's record order
+        self.piece = 0  # elastic resume: the piece the last batch ended in
 
     @property
     def counting(self) -> bool:
@@ -139,8 +157,8 @@ class _Reader:
             self._handler(tarfile.ReadError(f"{url}: no end-of-archive marker (truncated)"))
 
     def _resampled(self) -> Iterator[dict[str, Any]]:
-        s, urls = self.s, self.s.plan.urls[self.r]
-        rng = random.Random(f"resample/{s.seed}/{s.epoch}/{s.rank}/{self.r}")
+        s, urls = self.s, self.urls
+        rng = random.Random(f"resample/{s.seed}/{s.epoch}/{self.rank}/{self.sr}")
         weights = s.plan.weights[self.r]
         empty_run = 0
         while empty_run < 100:  # 100 shards in a row without a usable sample: give up
@@ -150,10 +168,10 @@ class _Reader:
         log.error("data: reader %d found no usable sample in 100 shards; stopping", self.r)
 
     def _pass(self, pass_: int) -> Iterator[dict[str, Any]]:
-        order = list(self.s.plan.urls[self.r])
+        order = list(self.urls)
         if pass_ > 0:
             s = self.s
-            random.Random(f"pad/{s.seed}/{s.epoch}/{s.rank}/{self.r}/{pass_}").shuffle(order)
+            random.Random(f"pad/{s.seed}/{s.epoch}/{self.rank}/{self.sr}/{pass_}").shuffle(order)
         for url in order:
             yield from self._shard_samples(url)
 
@@ -162,7 +180,7 @@ class _Reader:
         if n <= 1:
             yield from src
             return
-        rng = random.Random(f"samples/{self.s.seed}/{self.s.epoch}/{self.s.rank}/{self.r}/{tag}")
+        rng = random.Random(f"samples/{self.s.seed}/{self.s.epoch}/{self.rank}/{self.sr}/{tag}")
         buf: list[dict[str, Any]] = []
         for sample in src:
             if len(buf) < n:
@@ -183,7 +201,7 @@ class _Reader:
             if pass_ > 0:
                 # Padding pass (train only): the quota outlived the shards because samples were
                 # skipped. The previous pass is fully consumed here (buffer drained per pass).
-                if not self.s.train or self.s.plan.quotas[self.r] is None:
+                if not self.s.train or self.quota is None:
                     return
                 if self.good_in_pass == 0:
                     return
@@ -213,7 +231,7 @@ class _Reader:
             return None
         if s.views is not None and not s.need_text:
             return self._decode_views(sample, img_bytes)
-        rng = random.Random(f"{s.seed}/{s.epoch}/{s.rank}/{self.r}/{pos}")
+        rng = random.Random(f"{s.seed}/{s.epoch}/{self.rank}/{self.sr}/{pos}")
         views = None
         try:
             if s.views is not None:
@@ -311,7 +329,13 @@ class _Reader:
         return batch
 
     def meta(self, pos: int, produced: int) -> dict[str, Any]:
-        return {"reader": self.r, "pos": pos, "produced": produced, "stats": dict(self.stats)}
+        return {
+            "reader": self.r,
+            "pos": pos,
+            "produced": produced,
+            "piece": self.piece,
+            "stats": dict(self.stats),
+        }
 
     def batches(self) -> Iterator[dict[str, Any]]:
         s = self.s
@@ -350,6 +374,45 @@ class _Reader:
         # Final stats-only item so skips after the last batch are reported too.
         yield {"_meta": self.meta(max(pos, start), produced)}
 
+    def piece_batches(self) -> Iterator[dict[str, Any]]:
+        """Elastic resume: this reader's pieces of the epoch's streams, read in order as one
+        batch stream; a batch's ``pos`` is the raw position in its last sample's piece."""
+        s = self.s
+        assert s.pieces is not None and s.train
+        pieces = s.pieces[self.r]
+        k0 = s.piece_idx[self.r] if s.piece_idx else 0
+        start = s.start_pos[self.r] if s.start_pos else 0
+        produced = s.produced[self.r] if s.produced else 0
+        quota = s.plan.quotas[self.r] or 0
+        items: list[dict[str, Any]] = []
+        pos, self.piece = start, k0
+        for k in range(k0, len(pieces) if produced < quota else k0):
+            g, begin, end = pieces[k]
+            sub = _Reader(s, self.r, s.streams[g])  # the stream's shards and seeds
+            sub.stats = self.stats  # one set of counters per worker
+            skip_to = max(start if k == k0 else 0, begin)
+            sub.skipping = skip_to > 0
+            pos, self.piece = skip_to, k
+            for pos, sample in enumerate(itertools.islice(sub.raw(), end), start=1):
+                if pos <= skip_to:
+                    sub.skipping = pos < skip_to  # as in batches(): replayed, counted before
+                    continue
+                item = sub.decode(sample, pos - 1)
+                if item is None:
+                    continue
+                items.append(item)
+                if len(items) == s.batch_size:
+                    produced += 1
+                    yield self.collate(items, pos, produced)
+                    items = []
+                    if produced >= quota:
+                        break
+            if produced >= quota:
+                break
+        if produced < quota:
+            log.warning("data: reader %d ended %d batches short", self.r, quota - produced)
+        yield {"_meta": self.meta(pos, produced)}
+
 
 class ShardStream(IterableDataset):
     """IterableDataset over the batches of this rank; one logical reader per worker."""
@@ -364,7 +427,7 @@ class ShardStream(IterableDataset):
         if info is None:
             # In-process loading reads every logical reader in the DataLoader's round-robin order.
             readers = [_Reader(self.spec, (i + self.spec.rotation) % n) for i in range(n)]
-            iters = [r.batches() for r in readers]
+            iters = [_batches(r) for r in readers]
             while iters:
                 for it in list(iters):
                     try:
@@ -373,4 +436,8 @@ class ShardStream(IterableDataset):
                         iters.remove(it)
             return
         torch.set_num_threads(1)  # workers decode one sample at a time; no intra-op pools
-        yield from _Reader(self.spec, (info.id + self.spec.rotation) % n).batches()
+        yield from _batches(_Reader(self.spec, (info.id + self.spec.rotation) % n))
+
+
+def _batches(reader: _Reader) -> Iterator[dict[str, Any]]:
+    return reader.piece_batches() if reader.s.pieces is not None else reader.batches()

@@ -9,6 +9,7 @@ data is split by node and worker by the task's loader, so no two processes read 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,7 @@ from clipkit.train.step import step_gradients
 from clipkit.train.task import TrainData, get_task
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,8 +139,19 @@ def train(cfg: Config) -> dict[str, Any]:
     if ckpt is not None:
         state = load_checkpoint(accelerator, ckpt)
         step, epoch, samples_seen = state["step"], state["epoch"], state["samples_seen"]
-        data.load_state_dict(state["data"][accelerator.process_index])
-        _forget_after(run_dir, step, accelerator, total_steps)
+        _load_data_state(data, state["data"], accelerator)
+        was = samples_seen // step if step else 0
+        now = cfg.train.batch_size * accum * accelerator.num_processes
+        if main and was and was != now:
+            log.warning(
+                "resume: global batch %d -> %d (%d process(es) x train.batch_size %d x "
+                "accum_steps %d); the epoch's remaining samples continue in order, the step "
+                "count and schedule go on from step %d to %d",
+                *(was, now, accelerator.num_processes, cfg.train.batch_size, accum, step),
+                total_steps,
+            )
+        gone = range(accelerator.num_processes, len(state["data"]))
+        _forget_after(run_dir, step, accelerator, total_steps, gone)
         accelerator.print(f"resumed from {ckpt} at step {step} (epoch {epoch})")
     elif cfg.train.resume and cfg.train.resume != "latest":
         raise ValueError(f"train.resume={cfg.train.resume}: nothing to resume")
@@ -367,6 +380,20 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
+def _load_data_state(data: Any, saved: list[Any], accelerator: Accelerator) -> None:
+    """Every rank's saved positions to a loader that resumes on another layout
+    (:class:`clipkit.data.ShardLoader`: ``elastic``), this rank's to other data."""
+    if getattr(data, "elastic", False):
+        data.load_state_dict(saved)
+    elif len(saved) != accelerator.num_processes:
+        raise ValueError(
+            f"train.resume: the checkpoint was written by {len(saved)} process(es), this run "
+            f"has {accelerator.num_processes}; this task's data resumes on the same number"
+        )
+    else:
+        data.load_state_dict(saved[accelerator.process_index])
+
+
 def _gather_objects(accelerator: Accelerator, obj: Any) -> list[Any]:
     if accelerator.num_processes == 1:
         return [obj]
@@ -391,8 +418,13 @@ def _record(
             tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
 
 
-def _forget_after(run_dir: Path, step: int, accelerator: Accelerator, total_steps: int) -> None:
+def _forget_after(
+    run_dir: Path, step: int, accelerator: Accelerator, total_steps: int, gone: range = range(0)
+) -> None:
     """Drop the log lines that a run resumed at ``step`` writes again, so each step is logged once.
+
+    ``gone``: ranks of the checkpoint that this run (on fewer processes) does not have; the main
+    process cuts their key logs too.
 
     The resumed run redoes every step after ``step``; at ``step`` itself it writes again only
     the final evaluation, when nothing is left to train. Lines of the checkpoint's own step
@@ -408,8 +440,11 @@ def _forget_after(run_dir: Path, step: int, accelerator: Accelerator, total_step
 
     if accelerator.is_main_process:
         truncate_jsonl(run_dir / "metrics.jsonl", keep, "metrics")
-    keys = run_dir / f"keys.rank{accelerator.process_index}.jsonl"
-    truncate_jsonl(keys, lambda rec: rec.get("step", 0) <= step, "train.record_keys")
+    ranks = [accelerator.process_index]
+    if accelerator.is_main_process:
+        ranks += list(gone)
+    for keys in (run_dir / f"keys.rank{r}.jsonl" for r in ranks):
+        truncate_jsonl(keys, lambda rec: rec.get("step", 0) <= step, "train.record_keys")
 
 
 def _flatten(cfg: Config) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from data_helpers import toy_tokenizer
 
@@ -72,8 +73,6 @@ def test_eval_mode_reads_everything_in_order(shard_dir):
 
 
 def test_too_few_shards_for_readers_is_a_clear_error(shard_dir):
-    import pytest
-
     with pytest.raises(ValueError, match="8 shards but 2 ranks x 5 workers"):
         _loader(shard_dir, workers=5, world=2)
 
@@ -231,3 +230,100 @@ def test_eval_on_fewer_shards_than_readers_splits_samples(shard_dir):
         assert loader.num_batches == 4  # 12 samples per rank: 6 per reader -> 2 batches each
     assert sorted(per_rank[0] + per_rank[1]) == [f"{i:06d}" for i in range(24)]
     assert len(per_rank[0]) == len(per_rank[1]) == 12
+
+
+# -- elastic resume: a checkpoint of W x K readers continued on W' x K' ---------------------------
+
+
+def _layout(shard_dir, world, workers, batch):
+    return [
+        _loader(shard_dir, rank=r, world=world, workers=workers, batch=batch, shuffle_buffer=16)
+        for r in range(world)
+    ]
+
+
+def _by_key(batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {k: (b["image"][i], b["text"][i]) for b in batches for i, k in enumerate(b["key"])}
+
+
+def _resume_on(states, shard_dir, world, workers, batch, stop=None):
+    """Every rank of the new layout loads every saved rank's state; ``stop`` batches per rank."""
+    loaders = _layout(shard_dir, world, workers, batch)
+    got = []
+    for loader in loaders:
+        loader.load_state_dict(states)
+        loader.set_epoch(0)  # the trainer calls this on resume: must not reset the position
+        got.append(_run(loader, stop))
+    steps = [len(g) for g in got]
+    return loaders, [b for g in got for b in g], steps
+
+
+@pytest.mark.parametrize(
+    "old, new, stop",
+    [
+        ((2, 2, 4), (1, 2, 4), 4),  # 2 ranks x 2 workers -> 1 x 2: 64 samples left, 2 chunks
+        ((1, 1, 4), (2, 1, 4), 4),  # 1 x 1 -> 2 x 1: one stream cut in two
+        ((2, 2, 4), (2, 0, 4), 4),  # 2 x 2 -> 2 x 0 (in-process reading)
+        ((2, 2, 4), (1, 0, 8), 2),  # and the batch size doubles (global batch 16 -> 8)
+    ],
+)
+def test_elastic_resume_reads_every_sample_once(shard_dir, old, new, stop):
+    """8 shards x 12 samples, sizes chosen so that no partial batch is dropped: the keys before
+    and after the change of layout are the 96 samples, each once; every sample's crop and
+    caption tokens equal the uninterrupted run's (its stream and position seed them)."""
+    ref = _by_key([b for loader in _layout(shard_dir, *old) for b in loader])
+    assert len(ref) == 96
+    first = _layout(shard_dir, *old)
+    head = [b for loader in first for b in _run(loader, stop)]
+    states = [loader.state_dict() for loader in first]
+    loaders, tail, steps = _resume_on(states, shard_dir, *new)
+    assert len(set(steps)) == 1 and steps[0] == loaders[0].num_batches  # equal steps per rank
+    keys = [k for b in head + tail for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 96
+    for k, (image, text) in _by_key(head + tail).items():
+        assert torch.equal(image, ref[k][0]) and torch.equal(text, ref[k][1]), k
+    nxt = []
+    for loader in loaders:  # the next epoch is planned on the new layout: all 96 again
+        loader.set_epoch(1)
+        nxt += [k for b in loader for k in b["key"]]
+    assert sorted(nxt) == sorted(keys)
+
+
+def test_elastic_resume_twice_in_one_epoch(shard_dir):
+    """2 x 2 -> 1 x 2 (batch 4) -> 2 x 0 (batch 2): still every sample once."""
+    first = _layout(shard_dir, 2, 2, 4)
+    head = [b for loader in first for b in _run(loader, 4)]
+    states = [loader.state_dict() for loader in first]
+    mid_loaders, mid, _ = _resume_on(states, shard_dir, 1, 2, 4, stop=6)
+    state_mid = mid_loaders[0].state_dict()
+    assert state_mid["pieces"] is not None
+    # On the same layout again, its own state (pieces included) resumes exactly.
+    again = _layout(shard_dir, 1, 2, 4)[0]
+    again.load_state_dict(state_mid)
+    assert [b["key"] for b in again] == [b["key"] for b in mid_loaders[0]]
+    _, tail, steps = _resume_on([state_mid], shard_dir, 2, 0, 2)
+    keys = [k for b in head + mid + tail for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 96
+    assert steps == [10, 10]  # 40 samples left, 20 per rank, batches of 2
+
+
+def test_elastic_resume_refuses_another_seed_in_one_line(shard_dir):
+    first = _layout(shard_dir, 2, 2, 4)
+    for loader in first:
+        _run(loader, 2)
+    states = [loader.state_dict() for loader in first]
+    other = build_train_loader(
+        DataConfig(train=str(shard_dir / "{00000..00007}.tar"), workers=0),
+        tokenizer=toy_tokenizer,
+        image_size=32,
+        mean=MEAN,
+        std=STD,
+        batch_size=4,
+        seed=4,
+    )
+    with pytest.raises(ValueError, match="saved seed=3 but this run has seed=4"):
+        other.load_state_dict(states)
+    # One rank's state alone cannot continue on another layout: named, not silently wrong.
+    one = _loader(shard_dir, workers=2, batch=4)
+    with pytest.raises(ValueError, match="world_size=2 but this run has world_size=1"):
+        one.load_state_dict(states[0])
