@@ -38,6 +38,7 @@ from clipkit.data.sources import (
     sample_record,
 )
 from clipkit.data.tar_samples import TarStats, tar_samples
+from clipkit.train.outputs import check_output_file, write_file
 
 
 def check_shard(path: str, grid_n: int = 0) -> dict[str, Any]:
@@ -142,7 +143,20 @@ def contact_sheet(examples: list[tuple[bytes, str]], out: Path, tile: int = 160)
         sheet.paste(img, (x + (tile - img.width) // 2, y + (tile - img.height) // 2))
         lines = textwrap.wrap(caption.split("\n")[0], 26)[:3]
         draw.multiline_text((x + 3, y + tile), "\n".join(lines), fill="black", spacing=1)
-    sheet.save(out)
+    fmt = grid_format(out)
+    write_file(out, lambda tmp: sheet.save(tmp, format=fmt), "contact sheet")
+
+
+def grid_format(path: Path) -> str:
+    """The image format PIL writes for ``path``'s extension.
+
+    Raises:
+        ValueError: an extension PIL cannot write (one line naming the path).
+    """
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"--grid {path}: unknown image extension (use .png or .jpg)")
+    return fmt
 
 
 def verify(shard_dir: Path, workers: int = 0, grid_n: int = 0) -> tuple[list[dict], list[str]]:
@@ -231,6 +245,9 @@ def main(argv: list[str] | None = None, fail: bool = True) -> int:
     p.add_argument("--workers", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        if args.grid:  # before reading any shard, not after
+            check_output_file(args.grid, "--grid")
+            grid_format(args.grid)
         results, problems = verify(args.shard_dir, args.workers, args.grid_n if args.grid else 0)
     except ValueError as err:
         print(f"verify: error: {err}", file=sys.stderr)
@@ -243,8 +260,13 @@ def main(argv: list[str] | None = None, fail: bool = True) -> int:
             problems.append(f"{r['shard']}: unreadable ({r['error']})")
     if args.grid:
         ex = [e for r in results for e in r["examples"]][: args.grid_n]
-        contact_sheet(ex, args.grid)
-        print(f"contact sheet of {len(ex)} samples -> {args.grid}")
+        try:
+            if ex:
+                contact_sheet(ex, args.grid)
+        except ValueError as err:  # the write failed (OutputError): one line, no .tmp left
+            print(f"verify: error: {err}", file=sys.stderr)
+            return 2
+        print(f"contact sheet of {len(ex)} samples -> {args.grid if ex else 'not written'}")
     bad = any(
         r[c]
         for r in results

@@ -109,15 +109,19 @@ def read_coco(path: Path, images_dir: str | Path | None = None) -> list[Row]:
     """
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-        images, anns = d["images"], d["annotations"]
-        caps: dict[int, list[str]] = {}
-        for a in anns:
-            caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"COCO captions file {path}: not readable JSON ({err})") from None
+    images = _coco_list(d, "images", ("id", "file_name"), path)
+    anns = _coco_list(d, "annotations", ("image_id", "caption"), path)
+    if not images:
+        raise ValueError(f"COCO captions file {path}: 'images' is empty")
+    caps: dict[int, list[str]] = {}
+    for a in anns:
+        caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
+    try:
         images = sorted(images, key=lambda im: im["id"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"COCO captions file {path}: needs 'images' and 'annotations' lists ({err})"
-        ) from err
+    except TypeError:
+        raise ValueError(f"COCO captions file {path}: image ids of mixed types") from None
     if images_dir:
         roots = [Path(images_dir).expanduser()]
     else:
@@ -136,6 +140,28 @@ def read_coco(path: Path, images_dir: str | Path | None = None) -> list[Row]:
         )
         for im in images
     ]
+
+
+def _coco_list(d: Any, key: str, fields: tuple[str, ...], path: Path) -> list[dict[str, Any]]:
+    """``d[key]``, checked to be a list of objects that all have ``fields`` (one line naming the
+    file, the key and the first entry that breaks the schema)."""
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"COCO captions file {path}: want an object with 'images' and 'annotations', "
+            f"found a JSON {type(d).__name__}"
+        )
+    if key not in d:
+        raise ValueError(f"COCO captions file {path}: missing key '{key}'")
+    items = d[key]
+    if not isinstance(items, list):
+        raise ValueError(
+            f"COCO captions file {path}: '{key}' must be a list, found {type(items).__name__}"
+        )
+    for i, item in enumerate(items):
+        missing = [f for f in fields if f not in item] if isinstance(item, dict) else list(fields)
+        if missing:
+            raise ValueError(f"COCO captions file {path}: {key}[{i}] has no '{missing[0]}' key")
+    return items
 
 
 def read_lines(path: Path, *, skip_blank: bool = False) -> list[str]:

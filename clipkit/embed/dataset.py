@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from clipkit.data.sources import Source, TarMember, damage_report, fingerprint, 
 from clipkit.data.tar_samples import TarStats
 from clipkit.embed.embedder import Embedder, load_image
 from clipkit.embed.sources import Record, iter_records, open_input
+from clipkit.train.outputs import check_output_folder, write_failed, write_file, write_text
 
 MODALITIES = ("auto", "image", "text", "both")
 MANIFEST = "embeddings.json"
@@ -52,10 +54,40 @@ def _paths(out: Path, p: int) -> dict[str, Path]:
 
 
 def _save_npy(path: Path, x: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, x)
-    tmp.replace(path)
+    _mkdir(path.parent)
+    write_file(path, lambda tmp: np.save(tmp, x), f"embeddings {path.name}")
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failed("embeddings", folder, err) from None
+
+
+def check_output(out_dir: str | Path) -> None:
+    """Fail in one line, before any work (model load, input scan), when ``out_dir`` cannot be
+    an embeddings folder: a file, an unwritable folder, or a non-empty folder that holds no
+    embedding run (another tool's folder, most likely a wrong path: its files are not ours to
+    mix partitions into).
+
+    Raises:
+        ValueError: one line naming ``--output`` and the path.
+    """
+    out = Path(out_dir).expanduser()
+    check_output_folder(out, "--output")
+    # Partition files without a manifest get their own message when the input is known.
+    if out.is_dir() and not (out / MANIFEST).is_file() and not _partition_files(out):
+        ours = {MANIFEST} | {sub for sub, _ in PARTITION_FILES}
+        others = sorted(f.name for f in out.iterdir() if f.name not in ours)
+        # dot files and a manifest's temporary copy (a run killed while writing it) pass
+        others = [n for n in others if not n.startswith((".", MANIFEST))]
+        if others:
+            raise ValueError(
+                f"--output {out} is not empty and holds no {MANIFEST} (it has {others[0]}"
+                f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); choose a new "
+                "or empty folder"
+            )
 
 
 def input_fingerprint(spec: str | Source, kind: str) -> dict[str, Any]:
@@ -193,6 +225,7 @@ def embed_dataset(
         raise ValueError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
     if partition_size < 1:
         raise ValueError(f"partition_size must be >= 1, got {partition_size}")
+    check_output(out_dir)
     src, kind = open_input(str(input_spec), kind)
     stats = TarStats()
     records = iter_records(src, kind, stats)
@@ -245,10 +278,8 @@ def embed_dataset(
         for m in mods:
             _save_npy(paths[m], arrays[m])
         df = _metadata_frame(kept)
-        tmp = paths["meta"].with_suffix(".tmp.parquet")
-        paths["meta"].parent.mkdir(parents=True, exist_ok=True)
-        df.to_parquet(tmp, index=False)
-        tmp.replace(paths["meta"])
+        _mkdir(paths["meta"].parent)
+        write_file(paths["meta"], partial(df.to_parquet, index=False), "metadata")
         manifest["partitions"][str(p)] = {
             "records": len(chunk),
             "kept": len(kept),
@@ -266,7 +297,7 @@ def _write_manifest(path: Path, manifest: dict[str, Any], stats: TarStats) -> No
     """Write ``manifest`` with the shard damage counted so far (shard inputs only)."""
     if manifest["kind"] == "shards":
         manifest.update(damage_report(stats))
-    path.write_text(json.dumps(manifest, indent=2))
+    write_text(path, json.dumps(manifest, indent=2), "embeddings manifest")
 
 
 def _prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -297,7 +328,7 @@ def _prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> dic
             f"{out}: holds partition files but no {MANIFEST}; pass --overwrite to delete them "
             "and embed afresh, or choose a new --output"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    _mkdir(out)
     return {}
 
 
@@ -315,8 +346,16 @@ def load_embeddings(emb_dir: str | Path, modality: str = "image") -> tuple[np.nd
     d = Path(emb_dir).expanduser()
     if not (d / MANIFEST).is_file():
         raise ValueError(f"not an embeddings folder (no {MANIFEST}): {d}")
-    manifest = json.loads((d / MANIFEST).read_text())
-    parts = sorted(int(p) for p in manifest.get("partitions", {}))
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        parts = sorted(int(p) for p in manifest.get("partitions", {}))
+        missing = [k for k in ("dim", "model_id") if k not in manifest["model"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{d / MANIFEST}: not an embeddings manifest ({what})") from None
+    if missing:
+        bad = f"model has no '{missing[0]}'"
+        raise ValueError(f"{d / MANIFEST}: not an embeddings manifest ({bad})")
     key = {"image": "image", "text": "text"}.get(modality)
     if key is None:
         raise ValueError(f"modality must be image or text, got '{modality}'")

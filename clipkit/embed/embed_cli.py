@@ -40,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; prints a one-line JSON summary."""
-    from clipkit.embed.dataset import embed_dataset
+    from clipkit.embed.dataset import check_output, embed_dataset
     from clipkit.embed.embedder import Embedder
 
+    check_output(args.output)  # before the model is loaded
     emb = Embedder.load(args.model, args.weights, device=args.device, precision=args.precision)
     man = embed_dataset(
         emb,

@@ -19,9 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from clipkit.train.outputs import write_failed, write_file, write_text
+
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
+# IVF-PQ trains 2^8 centroids per sub-vector by k-means, which needs at least that many points.
+IVFPQ_MIN_VECTORS = 256
 # Below this many vectors exact search is fast enough (about 1 ms per 100k x 512 dot products).
 FLAT_MAX = 100_000
 HNSW_M = 32
@@ -47,12 +51,30 @@ def hnsw_bytes(n: int, dim: int, m: int = HNSW_M, storage: str = "float16") -> i
 
 
 def choose_kind(n: int, dim: int, memory_budget_bytes: int) -> str:
-    """Pick ``flat`` / ``hnsw`` / ``ivfpq`` for ``n`` vectors of ``dim`` under a memory budget."""
+    """Pick ``flat`` / ``hnsw`` / ``ivfpq`` for ``n`` vectors of ``dim`` under a memory budget.
+
+    Below :data:`IVFPQ_MIN_VECTORS` ``ivfpq`` cannot be trained, and such a set fits any budget
+    as ``hnsw`` (a few hundred vectors), so it is never chosen there.
+    """
     if n <= FLAT_MAX and n * dim * 4 <= memory_budget_bytes:
         return "flat"
-    if hnsw_bytes(n, dim) <= memory_budget_bytes:
+    if hnsw_bytes(n, dim) <= memory_budget_bytes or n < IVFPQ_MIN_VECTORS:
         return "hnsw"
     return "ivfpq"
+
+
+def check_ivfpq_size(n: int) -> None:
+    """Refuse ``ivfpq`` on too few vectors in one line, before any training.
+
+    Raises:
+        ValueError: ``n`` < :data:`IVFPQ_MIN_VECTORS`.
+    """
+    if n < IVFPQ_MIN_VECTORS:
+        raise ValueError(
+            f"index kind ivfpq needs at least {IVFPQ_MIN_VECTORS} vectors to train its product "
+            f"quantizer ({IVFPQ_MIN_VECTORS} codes per sub-vector), got {n}; use --kind flat "
+            "(exact) or hnsw"
+        )
 
 
 def _as_matrix(x: Any, dim: int | None, what: str) -> np.ndarray:
@@ -129,6 +151,7 @@ class Index:
         elif kind == "ivfpq":
             if train_vectors is None or len(train_vectors) == 0:
                 raise ValueError("index kind ivfpq needs training vectors")
+            check_ivfpq_size(len(train_vectors))
             t = _as_matrix(train_vectors, dim, "training vectors")
             n = max(n_expected, len(t))
             nlist = int(max(1, min(4 * math.sqrt(n), len(t) // 39)))
@@ -179,6 +202,7 @@ class Index:
             raise ValueError(f"unknown index kind '{kind}'; valid: {', '.join(KINDS)}")
         train = None
         if kind == "ivfpq":
+            check_ivfpq_size(len(x))
             rng = np.random.default_rng(0)
             sel = rng.choice(len(x), size=min(len(x), 100_000), replace=False)
             train = x[np.sort(sel)]
@@ -309,15 +333,16 @@ class Index:
         """Write ``index.faiss`` and ``index.json`` into ``out_dir`` (atomically replaced)."""
         faiss = _faiss()
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.faiss_index, str(tmp))
-        tmp.replace(out / INDEX_FILE)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failed("index", out, err) from None
+        write_file(
+            out / INDEX_FILE, lambda tmp: faiss.write_index(self.faiss_index, str(tmp)), "index"
+        )
         meta = {"kind": self.kind, "dim": self.dim, "ntotal": len(self), "model": self.model}
         meta["info"] = self.info
-        tmpj = out / (META_FILE + ".tmp")
-        tmpj.write_text(json.dumps(meta, indent=2))
-        tmpj.replace(out / META_FILE)
+        write_text(out / META_FILE, json.dumps(meta, indent=2), "index")
         return out
 
     @classmethod
@@ -325,18 +350,53 @@ class Index:
         """Load an index folder written by :meth:`save`.
 
         Raises:
-            ValueError: the folder lacks ``index.faiss`` / ``index.json``.
+            ValueError: the folder lacks ``index.faiss`` / ``index.json``, or either is not what
+                :meth:`save` writes (one line naming the file and what is wrong).
         """
         faiss = _faiss()
         p = Path(path).expanduser()
         if not (p / INDEX_FILE).is_file() or not (p / META_FILE).is_file():
             raise ValueError(f"not a clipkit index folder (needs {INDEX_FILE} + {META_FILE}): {p}")
-        meta = json.loads((p / META_FILE).read_text())
-        fi = faiss.read_index(str(p / INDEX_FILE))
-        idx = cls(fi, meta["kind"], int(meta["dim"]), meta.get("model", {}), meta.get("info", {}))
+        meta = _read_meta(p / META_FILE)
+        try:
+            fi = faiss.read_index(str(p / INDEX_FILE))
+        except RuntimeError as err:  # faiss reports a corrupt or cut file as RuntimeError
+            last = (str(err).strip().splitlines() or [""])[-1]
+            raise ValueError(f"{p / INDEX_FILE}: not a readable faiss index ({last})") from None
+        if fi.d != meta["dim"]:
+            raise ValueError(
+                f"{p / META_FILE}: says dim {meta['dim']}, but {INDEX_FILE} holds {fi.d}-d vectors"
+            )
+        idx = cls(fi, meta["kind"], meta["dim"], meta.get("model", {}), meta.get("info", {}))
         if idx.kind == "hnsw" and "ef_search" in idx.info:
             idx.set_search_params(ef_search=idx.info["ef_search"])
         return idx
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``index.json``, checked to be what :meth:`Index.save` writes.
+
+    Raises:
+        ValueError: one line naming the file and the first key that is missing or wrong.
+    """
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: want a JSON object, found a JSON {type(meta).__name__}")
+    for key in ("kind", "dim"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key '{key}'")
+    if meta["kind"] not in KINDS[1:]:
+        valid = ", ".join(KINDS[1:])
+        raise ValueError(f"{path}: 'kind' is {meta['kind']!r}; valid: {valid}")
+    if not isinstance(meta["dim"], int) or isinstance(meta["dim"], bool) or meta["dim"] < 1:
+        raise ValueError(f"{path}: 'dim' must be a positive integer, got {meta['dim']!r}")
+    for key in ("model", "info"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise ValueError(f"{path}: '{key}' must be an object, got {meta[key]!r}"[:300])
+    return meta
 
 
 def exact_search(

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipkit.embed.index import HNSW_STORAGE, KINDS, Index
+from clipkit.train.outputs import check_output_folder, write_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from clipkit.embed.dataset import load_embeddings
     from clipkit.embed.index import META_FILE
 
+    check_output_folder(args.output, "--output")  # before any vector is read
     x, meta, manifest = load_embeddings(args.embeddings, args.modality)
     x = x.astype(np.float32)  # (N, D)
     local = meta["id"].to_numpy(np.int64)
@@ -242,9 +245,7 @@ def run(args: argparse.Namespace) -> int:
     added = meta[new].assign(id=ids[new], source_dir=entry["embeddings"], source_id=local[new])
     meta = added if old_meta is None else pd.concat([old_meta, added], ignore_index=True)
     index.save(out)
-    tmp = out / (METADATA_FILE + ".tmp")
-    meta.to_parquet(tmp, index=False)
-    tmp.replace(out / METADATA_FILE)
+    write_file(out / METADATA_FILE, partial(meta.to_parquet, index=False), "index metadata")
     summary = {
         "output": str(out),
         "kind": index.kind,

@@ -253,7 +253,7 @@ def open_captions(spec: str, transform: Any, images_dir: str | None = None) -> A
 
 
 def caption_loader(
-    spec: str,
+    spec: str | Any,
     transform: Any,
     *,
     batch_size: int = 256,
@@ -262,8 +262,15 @@ def caption_loader(
     world_size: int = 1,
     images_dir: str | None = None,
 ) -> DataLoader:
-    """Batches ``{"image", "captions", "skipped", "skipped_keys", ...}`` of this rank's slice."""
-    dataset = open_captions(spec, transform, images_dir)
+    """Batches ``{"image", "captions", "skipped", "skipped_keys", ...}`` of this rank's slice.
+
+    ``spec`` is a spec for :func:`open_captions` or a set it opened (``transform`` is set on it).
+    """
+    if isinstance(spec, str | Path):
+        dataset = open_captions(str(spec), transform, images_dir)
+    else:
+        dataset = spec
+        dataset.transform = transform
     return _loader(dataset, batch_size, workers, rank, world_size)
 
 

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from clipkit.train.outputs import check_output_file
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -417,29 +418,6 @@ def check_common(args: argparse.Namespace) -> None:
         raise ValueError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
     if args.output:
         check_output_file(args.output)
-
-
-def check_output_file(path: str, flag: str = "--output") -> None:
-    """Fail in one line, before any work, when ``path`` cannot take the result file.
-
-    A folder in its place, a missing parent or an unwritable parent (probed by creating and
-    removing a file there: permission bits say nothing for root or read-only mounts) would
-    otherwise be found only after the whole evaluation (issue 17).
-
-    Raises:
-        ValueError: one line naming ``flag`` and the path.
-    """
-    p = Path(path).expanduser().resolve()
-    if p.is_dir():
-        raise ValueError(f"{flag} {p} is a folder; give a file path such as {p / 'result.json'}")
-    if not p.parent.is_dir():
-        raise ValueError(f"{flag} folder does not exist: {p.parent}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.check", dir=p.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"{flag} folder is not writable: {p.parent} ({err.strerror})") from None
 
 
 def run_cli(evaluator: Evaluator, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from clipkit.eval import driver
 
@@ -50,8 +51,13 @@ def parse_k(text: str) -> list[int]:
     return ks
 
 
-def _prepare(data: str, options: RetrievalOptions) -> list[int]:
-    return parse_k(options.recall_k)
+def _prepare(data: str, options: RetrievalOptions) -> tuple[list[int], Any]:
+    """The recall ks and the opened caption set, before the model loads: a bad ``--recall-k``
+    or a caption file of the wrong schema is one line without a model load (issue 17)."""
+    from clipkit.eval.datasets import open_captions
+
+    ks = parse_k(options.recall_k)
+    return ks, open_captions(data, None, options.images or None)
 
 
 def run_retrieval(ctx: driver.EvalContext) -> driver.Outcome:
@@ -60,9 +66,9 @@ def run_retrieval(ctx: driver.EvalContext) -> driver.Outcome:
     from clipkit.eval.retrieval import embed_pairs, rank_metrics, retrieval_ranks
 
     opts: RetrievalOptions = ctx.options
-    ks = ctx.prepared if ctx.prepared is not None else parse_k(opts.recall_k)
+    ks, data = ctx.prepared if ctx.prepared is not None else (parse_k(opts.recall_k), ctx.data)
     loader = caption_loader(
-        ctx.data, ctx.model.preprocess_eval, batch_size=ctx.batch_size, workers=ctx.workers,
+        data, ctx.model.preprocess_eval, batch_size=ctx.batch_size, workers=ctx.workers,
         rank=ctx.rank, world_size=ctx.world_size, images_dir=opts.images or None,
     )  # fmt: skip
     batches = ctx.watch(loader)

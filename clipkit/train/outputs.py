@@ -155,6 +155,85 @@ def check_output_dir(path: Path, name: str = "train.output_dir") -> None:
         raise OutputError(f"{name}={path} is not writable: {reason}", all_ranks=True) from None
 
 
+def check_output_file(path: str | Path, flag: str = "--output") -> None:
+    """Fail in one line, before any work, when ``path`` cannot take a result file.
+
+    A folder in its place, a missing parent or an unwritable parent (probed by creating and
+    removing a file there: permission bits say nothing for root or read-only mounts) would
+    otherwise be found only after the whole evaluation (issue 17). Used by every CLI that
+    writes one file (``clipkit eval --output``, ``data_tools.verify --grid``).
+
+    Raises:
+        OutputError: one line naming ``flag`` and the path.
+    """
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        raise OutputError(f"{flag} {p} is a folder; give a file path such as {p / 'result.json'}")
+    if not p.parent.is_dir():
+        raise OutputError(f"{flag} folder does not exist: {p.parent}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.check", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"{flag} folder is not writable: {p.parent} ({err.strerror})") from None
+
+
+def check_output_folder(path: str | Path, flag: str = "--output") -> None:
+    """Fail in one line, before any work, when ``path`` cannot become an output folder.
+
+    Unlike :func:`check_output_dir` nothing is created: the folder, or its nearest existing
+    parent when it is not there yet, is probed for a write, so a bad path leaves no empty folder
+    behind. A full disk passes (the write that needs the space names it).
+
+    Raises:
+        OutputError: ``path`` (or a parent) is a file, or the folder is not writable; one line
+            naming ``flag`` and the path.
+    """
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {p} is a file, not a folder")
+    base = p
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"{flag} {p}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return
+        raise OutputError(f"{flag} {p} is not writable: {err.strerror or err} ({base})") from None
+
+
+def write_file(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write a file whole or not at all: ``write(tmp)`` then rename; an ``OSError`` is one line.
+
+    Args:
+        path: the final file.
+        write: writes the content to the temporary path it is given (``tmp`` keeps ``path``'s
+            suffix, so writers that pick a format by extension still work).
+        what: what is being written, for the message (``contact sheet``).
+
+    Raises:
+        OutputError: the write failed (an ``OSError``, or another error while the disk is full:
+            :func:`as_write_error`); no temporary file is left after any error.
+    """
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        # Writers that are not plain Python (faiss, torch) report a full disk in their own way.
+        failed = as_write_error(err, path.parent) if isinstance(err, Exception) else None
+        if failed is None:
+            raise
+        raise write_failed(what, path.parent, failed) from None
+
+
 def sweep_stale(folder: Path, pattern: str = "*.tmp*") -> list[Path]:
     """Remove what an interrupted writer left in ``folder`` (files or folders); return them.
 

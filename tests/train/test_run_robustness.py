@@ -324,7 +324,7 @@ def test_eval_output_checked_before_evaluation(tmp_path, monkeypatch, kind):
         def read_only(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
 
-        monkeypatch.setattr(driver.tempfile, "mkstemp", read_only)
+        monkeypatch.setattr("clipkit.train.outputs.tempfile.mkstemp", read_only)
     with pytest.raises(ValueError, match=needle) as info:
         driver.run_cli(evaluator, _eval_args(str(out)))
     assert "\n" not in str(info.value) and ran == []
