@@ -266,16 +266,18 @@ class Embedder:
         emb = self._run(len(items), batch_size, prepare, fn, progress, "embed text")
         return self._finish(emb, single, output)
 
-    def preprocess(self, images: Sequence[ImageInput], offset: int = 0) -> Any:
-        """Decode and transform images into the model's input batch ``(B, 3, H, W)``
-        (a float32 numpy array for an ONNX model)."""
+    def preprocess(self, images: Sequence[ImageInput], offset: int = 0) -> torch.Tensor:
+        """Decode and transform images into the model's input batch ``(B, 3, H, W)``.
+
+        An ONNX model preprocesses with PIL + numpy (:meth:`OnnxModel.preprocess`, equal to the
+        torch transform); the array is handed over as a tensor without a copy.
+        """
         if self.onnx:
-            return np.stack(
-                [
-                    self.model.preprocess(load_image(im, self.max_pixels, f"image {offset + i}"))
-                    for i, im in enumerate(images)
-                ]
-            )
+            arrays = [
+                self.model.preprocess(load_image(im, self.max_pixels, f"image {offset + i}"))
+                for i, im in enumerate(images)
+            ]
+            return torch.from_numpy(np.stack(arrays))  # (B, 3, H, W) float32
         pp = self.model.preprocess_eval
         return torch.stack(
             [
@@ -323,10 +325,15 @@ class Embedder:
             isinstance(images, np.ndarray) and images.ndim in (2, 3)
         )
         items = [images] if single else list(images)
+
+        def prepare(s: int, e: int) -> Any:
+            x = self.preprocess(items[s:e], offset=s)  # (b, 3, H, W)
+            return x.numpy() if self.onnx else x
+
         emb = self._run(
             len(items),
             batch_size,
-            lambda s, e: self.preprocess(items[s:e], offset=s),
+            prepare,
             fn,
             progress,
             "embed image",

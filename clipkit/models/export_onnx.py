@@ -101,8 +101,15 @@ def write_onnx(model: Any, out: Path, model_id: str = "") -> None:
     text_in = model.tokenize(["a photo", "a photo of a dog"])  # (2, L)
     # The exporter prints progress lines on stdout; the CLI's output stays its own.
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        _export(_Tower(clip, True), image_in, out / "image.onnx", ("pixel_values", "image_embeds"))
-        _export(_Tower(clip, False), text_in, out / "text.onnx", ("input_ids", "text_embeds"))
+        _export(
+            _Tower(clip, True).eval(),
+            image_in,
+            out / "image.onnx",
+            ("pixel_values", "image_embeds"),
+        )
+        _export(
+            _Tower(clip, False).eval(), text_in, out / "text.onnx", ("input_ids", "text_embeds")
+        )
     write_clip_tokenizer(out, L)
     config = {
         "format": FORMAT,
