@@ -272,7 +272,7 @@ def create_app(
             },
             "limits": shown,
             "memory": {
-                name: {"capacity": a.capacity, "used": a.used, "peak": a.peak}
+                name: {"capacity": a.capacity, "used": a.used, "peak": a.peak, "waiting": a.waiting}
                 for name, a in (("body", body_lane), ("decode", decode_lane))
             },
             "stats": dict(stats),

@@ -185,6 +185,11 @@ class Accountant:
         self._lock = threading.Lock()
         self._waiters: deque[list] = deque()  # [n, future, granted]
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting now."""
+        return len(self._waiters)
+
     def try_acquire(self, n: int) -> bool:
         """Take ``n`` units now if they are free and nobody waits; True when taken."""
         with self._lock:
