@@ -67,18 +67,35 @@ def limits_from_args(args: argparse.Namespace) -> ServeLimits:
     """
     from clipkit.embed.limits import LOOPBACK_HOSTS, ServeLimits
 
-    return ServeLimits(
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_pixels=args.max_pixels,
-        max_k=args.max_k,
-        memory_budget_bytes=int(args.memory_budget_mb * 2**20),
-        allowed_hosts=(*LOOPBACK_HOSTS, HOST, *args.allow_host),
-        header_timeout_s=args.header_timeout,
-        body_timeout_s=args.body_timeout,
-        keep_alive_s=args.keep_alive,
-        data_root=args.data_root,
-        absolute_paths=args.absolute_paths,
-    )
+    try:
+        return ServeLimits(
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_pixels=args.max_pixels,
+            max_k=args.max_k,
+            memory_budget_bytes=int(args.memory_budget_mb * 2**20),
+            allowed_hosts=(*LOOPBACK_HOSTS, HOST, *args.allow_host),
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keep_alive_s=args.keep_alive,
+            data_root=args.data_root,
+            absolute_paths=args.absolute_paths,
+        )
+    except ValueError as err:  # name the flag the user typed, not the field
+        msg = str(err)
+        for name, flag in _FLAGS.items():
+            msg = msg.replace(name, flag)
+        raise ValueError(msg) from None
+
+
+_FLAGS = {
+    "max_body_bytes": "--max-body-mb",
+    "max_pixels": "--max-pixels",
+    "max_k": "--max-k",
+    "header_timeout_s": "--header-timeout",
+    "body_timeout_s": "--body-timeout",
+    "keep_alive_s": "--keep-alive",
+    "memory_budget_bytes": "--memory-budget-mb",
+}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,3 +66,20 @@ def test_idle_keepalive_is_closed_after_an_answer(server) -> None:
 def test_service_still_serves(server) -> None:
     r = httpx.post(server.url + "/embed/text", json={"texts": ["still here"]}, timeout=60)
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--memory-budget-mb", "8"], "leaves 2.0 MiB for request bodies"),
+        (["--max-pixels", "100000000"], "for decoding, but one RGB image of --max-pixels"),
+        (["--header-timeout", "0"], "--header-timeout must be a positive number"),
+        (["--keep-alive", "-1"], "--keep-alive must be a positive number"),
+    ],
+)
+def test_serve_refuses_bad_limits_in_one_line(flags, words, tiny_export, capsys) -> None:
+    from clipkit.cli import main
+
+    rc = main(["serve", "--model", str(tiny_export), "--port", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and words in err and len(err.splitlines()) == 1, err
