@@ -75,7 +75,8 @@ class ServeLimits:
             seconds (from connecting, or from the end of its previous response); else it is
             closed (408 when part of a request had come). Enforced by :mod:`clipkit.embed.server`.
         keep_alive_s: idle keep-alive connections are closed after this many seconds.
-        max_header_bytes: size of a request's headers (h11's limit); 400 beyond.
+        max_header_bytes: headers still incomplete after this many buffered bytes are a 400
+            (h11's limit; headers that arrive in one read are parsed whole).
         absolute_paths: show paths in responses as stored; by default they are relative to
             ``data_root``.
         data_root: folder that paths in responses are shown relative to (default: the common

@@ -7,7 +7,9 @@ whose next request's headers are not complete ``header_timeout_s`` after it conn
 previous response ended (408 first when part of a request had come). The rest:
 
 - ``keep_alive_s`` -> uvicorn's ``timeout_keep_alive`` (idle connection between requests);
-- ``max_header_bytes`` -> h11's ``max_incomplete_event_size`` (400 beyond);
+- ``max_header_bytes`` -> h11's ``max_incomplete_event_size`` (headers still incomplete after
+  that many buffered bytes: 400, as JSON like every
+  answer of the service: :meth:`HeaderTimeoutProtocol.send_400_response`);
 - the body's size and time -> :class:`clipkit.embed.guards.Admission` (413 / 408).
 
 Example:
@@ -51,6 +53,21 @@ class HeaderTimeoutProtocol(H11Protocol):
             self._header_timer.cancel()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (bad request line, headers over
+        ``max_header_bytes``), as the service's one JSON line instead of plain text."""
+        body = json.dumps({"detail": f"invalid HTTP request: {msg}"}).encode()
+        self._write_raw(400, "Bad Request", body)
+
+    def _write_raw(self, status: int, reason: str, body: bytes) -> None:
+        # Bytes, not h11 events: h11 sends no Response before it has parsed a Request.
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
+        self.transport.write(head + body)
+        self.transport.close()
+
     def _arm_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -66,15 +83,8 @@ class HeaderTimeoutProtocol(H11Protocol):
             return  # the headers came (a request is being served, or was)
         partial, _ = self.conn.trailing_data
         if partial and self.conn.their_state is h11.IDLE:
-            # No h11 Response before a Request: the 408 is written as bytes.
-            body = json.dumps(
-                {"detail": f"request headers not received within {self.header_timeout_s:g} s"}
-            ).encode()
-            head = (
-                "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-            ).encode()
-            self.transport.write(head + body)
+            msg = f"request headers not received within {self.header_timeout_s:g} s"
+            self._write_raw(408, "Request Timeout", json.dumps({"detail": msg}).encode())
         self.transport.close()
 
 

@@ -63,6 +63,19 @@ def test_idle_keepalive_is_closed_after_an_answer(server) -> None:
     conn.close()
 
 
+def test_oversized_or_garbled_headers_are_one_json_400(server) -> None:
+    for raw in (
+        # Headers still incomplete after 16 KiB (h11 checks what it has buffered).
+        b"GET /health HTTP/1.1\r\nhost: localhost\r\nx-big: " + b"a" * 20_000,
+        b"GARBAGE\x00 / HTTP/9\r\n\r\n",
+    ):
+        conn = RawConnection(server.port)
+        conn.send_raw(raw)
+        status, detail = _status_and_detail(conn.read_until_closed())
+        assert status == 400 and detail.startswith("invalid HTTP request"), detail
+        conn.close()
+
+
 def test_service_still_serves(server) -> None:
     r = httpx.post(server.url + "/embed/text", json={"texts": ["still here"]}, timeout=60)
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
