@@ -134,6 +134,9 @@ class TrainConfig:
     tf32: bool = True
     # Append each step's sample keys to <output_dir>/keys.rank<R>.jsonl (audits data order/resume).
     record_keys: bool = False
+    # Seconds a collective waits for a hung process before the run stops naming it (0: torch's
+    # 1800); a process that dies is noticed at once (clipkit/train/fault.py).
+    collective_timeout_s: int = 600
 
 
 @dataclass

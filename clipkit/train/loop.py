@@ -15,12 +15,13 @@ import os
 import shutil
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from clipkit.config.loader import to_yaml
@@ -32,10 +33,12 @@ from clipkit.train.checkpoint import (
     save_checkpoint,
     sweep_stale_checkpoints,
 )
+from clipkit.train.fault import rank_failure_guard
 from clipkit.train.gradcache import widen
 from clipkit.train.optim import build_optimizer, lr_lambda
 from clipkit.train.outputs import (
     as_write_error,
+    check_fresh_start,
     check_output_dir,
     sweep_stale,
     truncate_jsonl,
@@ -58,25 +61,38 @@ def train(cfg: Config) -> dict[str, Any]:
 
     Raises:
         ValueError: bad configuration or data (one line naming the value).
+        RankLostError: another process died or hung (a ValueError: one line naming the rank
+            and the checkpoint to resume from; :mod:`clipkit.train.fault`).
         NonFiniteLossError: too many consecutive non-finite losses.
     """
+    with rank_failure_guard(Path(cfg.train.output_dir).expanduser().resolve()):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     # ------------------------------------------------------------------ setup
     if cfg.train.precision not in PRECISIONS:
         raise ValueError(f"train.precision={cfg.train.precision!r}; valid: {', '.join(PRECISIONS)}")
     if cfg.train.accum_steps < 1 or cfg.train.batch_size < 1:
         raise ValueError("train.batch_size and train.accum_steps must be >= 1")
+    if cfg.train.collective_timeout_s < 0:
+        raise ValueError(f"train.collective_timeout_s={cfg.train.collective_timeout_s}: >= 0")
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
     run_dir = Path(cfg.train.output_dir).expanduser().resolve()
     check_output_dir(run_dir)  # an unwritable run folder fails now, not at the first checkpoint
+    check_fresh_start(run_dir, cfg.train.resume)  # never append to an earlier run's logs
     # Under torchrun on a machine without CUDA, Accelerate only forms the gloo process group
     # when told it is a CPU run; otherwise every rank would silently train alone.
     cpu_multi = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A collective that waits longer than this for a peer fails (fault.py names the peer).
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s or 1800)
     accelerator = Accelerator(
         cpu=cpu_multi,
         mixed_precision=PRECISIONS[cfg.train.precision],
         log_with=list(cfg.train.trackers) or None,
         project_dir=str(run_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     main = accelerator.is_main_process
     if main:
@@ -155,6 +171,8 @@ def train(cfg: Config) -> dict[str, Any]:
         accelerator.print(f"resumed from {ckpt} at step {step} (epoch {epoch})")
     elif cfg.train.resume and cfg.train.resume != "latest":
         raise ValueError(f"train.resume={cfg.train.resume}: nothing to resume")
+    elif cfg.train.resume:  # latest, no checkpoint yet: the steps logged so far are redone
+        _forget_after(run_dir, 0, accelerator, total_steps)
 
     unwrapped = accelerator.unwrap_model(model)
 
@@ -236,6 +254,7 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics_file = run_dir / "metrics.jsonl"
     nonfinite, history = 0, []
     kill_at = int(os.environ.get("CLIPKIT_FAULT_KILL_AT_STEP", "0"))
+    rank = accelerator.process_index
     model.train()
     if ckpt is None:
         data.set_epoch(epoch)  # a resumed loader already sits at its saved epoch and position
@@ -300,7 +319,7 @@ def train(cfg: Config) -> dict[str, Any]:
             with (run_dir / f"keys.rank{accelerator.process_index}.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "keys": keys}) + "\n")
         step_time += time.perf_counter() - t1
-        if step == kill_at:
+        if step == kill_at and os.environ.get("CLIPKIT_FAULT_KILL_RANK", str(rank)) == str(rank):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         bar.update(1)
 
