@@ -158,6 +158,12 @@ COMMANDS: dict[str, Run] = {
         ),
         how="the real file, overridden to 1 CPU process; my.yaml written here (see docstring)",
     ),
+    "sbatch --nodes 4 configs/slurm/train.sbatch --config my.yaml": Run(
+        "slurm",
+        subs=(("sbatch --nodes 4", "SLURM_NNODES=4 CLIPKIT_DRY_RUN=1 bash"),),
+        how="no SLURM here: the script's dry run prints the launch; tests/train/test_multinode.py "
+        "runs the script for real on this host",
+    ),
     "clipkit eval zeroshot --model runs/mine/export --data ../shared/data/cifar10/test.tar "
     "--classnames cifar10 --templates cifar10 --output cifar10.json": Run(
         "eval_zeroshot",
@@ -516,6 +522,17 @@ def test_multi_gpu_launch_config(shards, work: Path, env: dict[str, str]) -> Non
     out = ok(run_readme("multi_gpu", work, env))
     assert "1 process(es) on cpu" in out
     _export(work, "my")
+
+
+def test_slurm_example(work: Path, env: dict[str, str]) -> None:
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}  # as outside a job
+    out = ok(run_readme("slurm", work, env, SRUN="srun --kill-on-bad-exit=1", HEAD_NODE="node001"))
+    assert out.split() == [
+        *("srun", "--kill-on-bad-exit=1", "python", "-m", "torch.distributed.run", "--nnodes"),
+        *("4", "--nproc_per_node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint"),
+        *("node001:29500", "--rdzv-id", "clipkit", "scripts/train.py", "train.resume=latest"),
+        *("--config", "my.yaml"),
+    ]
 
 
 # ------------------------------------------------------------------------------------- evaluate
