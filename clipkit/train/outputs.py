@@ -179,6 +179,42 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
         raise OutputError(f"{flag} folder is not writable: {p.parent} ({err.strerror})") from None
 
 
+def check_fresh_start(run_dir: Path, resume: str) -> None:
+    """Refuse to start a run afresh (``train.resume`` empty) in a folder holding an earlier run.
+
+    A fresh start used to append its steps to the old ``metrics.jsonl`` (two runs' step 1 in one
+    log), write checkpoints beside the old ones (a later ``train.resume=latest`` could pick the
+    old run's newer step) and replace its export. There is no overwrite option: the earlier run
+    is continued with ``train.resume=latest`` or kept, with the new run in a new folder.
+
+    Raises:
+        OutputError: one line naming the folder and what it holds (same on every rank).
+    """
+    if resume:
+        return
+    found = [
+        name
+        for name in ("metrics.jsonl", "metrics.json")
+        if (run_dir / name).is_file() and (run_dir / name).stat().st_size
+    ]
+    ckpts = run_dir / "checkpoints"
+    steps = sorted(
+        p.name
+        for p in (ckpts.glob("step_*") if ckpts.is_dir() else [])
+        if p.is_dir() and not p.name.endswith(".tmp")
+    )
+    if steps:
+        found.append(f"{len(steps)} checkpoint(s) up to {steps[-1]}")
+    if (run_dir / "export").is_dir():
+        found.append("export/")
+    if found:
+        raise OutputError(
+            f"train.output_dir={run_dir} already holds a run ({', '.join(found)}); continue it "
+            "with train.resume=latest, or give this run a new train.output_dir",
+            all_ranks=True,
+        )
+
+
 def check_output_folder(path: str | Path, flag: str = "--output") -> None:
     """Fail in one line, before any work, when ``path`` cannot become an output folder.
 
