@@ -103,3 +103,50 @@ def test_sigkilled_rank_is_one_line_and_resume_continues(tmp_path):
         keys += [k for x in recs for k in x["keys"]]
     assert len(keys) == len(set(keys)) == 8 * 64
     assert (run / "export" / "open_clip_model.safetensors").is_file()
+
+
+# Two gloo processes with a 3 s collective timeout; rank 1 stops answering (sleeps) while rank 0
+# waits in an all_reduce under the guard. Rank 0 must come out with the one line naming rank 1.
+_HUNG = """
+import os, sys, time, datetime
+import torch, torch.distributed as dist
+from clipkit.train.fault import rank_failure_guard, RankLostError
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+dist.all_reduce(torch.ones(1))  # both alive: one collective that works
+if rank == 1:
+    time.sleep(120)  # hung, not dead: only the timeout can tell
+    sys.exit(0)
+try:
+    with rank_failure_guard(sys.argv[1]):
+        dist.all_reduce(torch.ones(1))
+except RankLostError as err:
+    print(f"RANKLOST all_ranks={err.all_ranks} {err}")
+"""
+
+
+def test_hung_peer_is_named_after_the_collective_timeout(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_0000004").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_0000004" / "trainer_state.json").write_text("{}")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HUNG, str(tmp_path / "run")],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        out, err = procs[0].communicate(timeout=120)  # it ends: no timing asserted
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    lines = [x for x in out.splitlines() if x.startswith("RANKLOST")]
+    assert len(lines) == 1, err[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000004"
+    assert lines[0].startswith("RANKLOST all_ranks=False lost rank 1 of 2 (gloo: "), lines
+    assert f"resume from {ckpt} with train.resume=latest" in lines[0]
