@@ -282,6 +282,23 @@ COMMANDS: dict[str, Run] = {
         subs=(("--port 8000", "--port $PORT"),),
         how="a free port; GET / and /health, POST /search, GET /image/{id}; then stopped",
     ),
+    "clipkit export runs/mine --format hf --output exports/mine-hf": Run(
+        "export_hf", how="the run above"
+    ),
+    "clipkit export runs/mine --format onnx --output exports/mine-onnx": Run(
+        "export_onnx", how="the run above"
+    ),
+    "clipkit eval zeroshot --model exports/mine-hf --data ../shared/data/cifar10/test.tar "
+    "--classnames cifar10 --templates cifar10 --output cifar10_hf.json": Run(
+        "eval_zeroshot_hf",
+        subs=((CIFAR_README, CIFAR_TEST),),
+        how="the HF export above, 100 CIFAR-10 images; equals eval_zeroshot's numbers",
+    ),
+    "clipkit serve --model exports/mine-onnx --index emb/index --port 8001": Run(
+        "serve_onnx",
+        subs=(("--port 8001", "--port $PORT"),),
+        how="a free port; the ONNX export above over the index of the run's own vectors",
+    ),
 }
 
 # Top-level modules that only the `dev` extra installs (pyproject.toml), so the quick-start demo,
@@ -686,12 +703,17 @@ def test_index(indexed: Path) -> None:
 
 @pytest.mark.slow
 def test_serve(indexed: Path, embedded: Path, work: Path, env: dict[str, str]) -> None:
+    _check_serve("serve", embedded, work, env)
+
+
+def _check_serve(name: str, embedded: Path, work: Path, env: dict[str, str]) -> None:
+    """Start the README's serve command ``name``, query it as a user would, stop it."""
     import httpx
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        ["bash", "-c", "exec " + shell("serve")],
+        ["bash", "-c", "exec " + shell(name)],
         cwd=work,
         env={**env, "PORT": str(port)},
         stdout=subprocess.PIPE,
@@ -727,3 +749,38 @@ def test_serve(indexed: Path, embedded: Path, work: Path, env: dict[str, str]) -
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# ------------------------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def exported_hf(trained, work: Path, env: dict[str, str]) -> Path:
+    _export(work)
+    ok(run_readme("export_hf", work, env))
+    return work / "exports" / "mine-hf"
+
+
+def test_export_hf(exported_hf: Path) -> None:
+    cfg = json.loads((exported_hf / "config.json").read_text())
+    assert cfg["model_type"] == "clip" and (exported_hf / "model.safetensors").is_file()
+    card = (exported_hf / "README.md").read_text()
+    assert "library_name: transformers" in card and "| data | shards/" in card, card
+    assert re.search(r"^\| `eval/zeroshot/[^/]+/acc1` \| 0\.\d{4} \|$", card, flags=re.M), card
+    assert shell("export_hf") in card
+
+
+@pytest.mark.slow
+def test_eval_zeroshot_hf_equals_run(exported_hf: Path, zeroshot, work, env) -> None:
+    """Issue 16's acceptance: the HF folder scores as the run's export, within 1e-6."""
+    ok(run_readme("eval_zeroshot_hf", work, env))
+    res = json.loads((work / "cifar10_hf.json").read_text())
+    assert res["n_samples"] == zeroshot["n_samples"] == 100
+    for k, v in zeroshot["metrics"].items():
+        assert abs(res["metrics"][k] - v) <= 1e-6, (k, res["metrics"][k], v)
+
+
+@pytest.mark.slow
+def test_export_onnx_and_serve(indexed: Path, embedded: Path, work: Path, env) -> None:
+    ok(run_readme("export_onnx", work, env))
+    onnx = work / "exports" / "mine-onnx"
+    assert {"image.onnx", "text.onnx", "preprocess.json", "README.md"} <= set(os.listdir(onnx))
+    _check_serve("serve_onnx", embedded, work, env)
