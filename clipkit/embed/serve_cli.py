@@ -23,7 +23,7 @@ HOST = "127.0.0.1"  # never another address: the service has no authentication
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``clipkit serve``."""
-    parser.add_argument("--model", required=True, help="export dir, run dir or open_clip:ARCH")
+    parser.add_argument("--model", required=True, help="run, export, HF or ONNX dir, open_clip:X")
     parser.add_argument("--weights", default=None, help="weights file for open_clip:ARCH")
     parser.add_argument("--index", default=None, help="index folder from clipkit index")
     parser.add_argument("--port", type=int, default=8000)
