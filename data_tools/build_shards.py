@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from clipkit.data.sources import Record, damage_report, image_bytes
 from clipkit.data.tar_samples import TarStats
+from clipkit.train.outputs import check_output_folder, write_failed, write_text
 from data_tools.sources import read_input
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -93,9 +94,32 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Write one shard; returns its stats (``count``, ``failures``...). Runs in a worker."""
     out, index, records = Path(task["out"]), task["index"], task["records"]
     name = f"{index:05d}.tar"
-    failures, count, n_captions = [], 0, 0
+    failures: list[dict[str, str]] = []
     key_digits = max(4, len(str(task["shard_size"] - 1)))
-    with wds.TarWriter(str(out / name)) as tw:
+    # Written under a name no shard glob matches, renamed when whole.
+    tmp = out / f"{name}.tmp{os.getpid()}"
+    try:
+        count, n_captions = _write_samples(tmp, task, records, failures, key_digits)
+        tmp.replace(out / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    stats = {
+        "shard": name,
+        "count": count,
+        "captions": n_captions,
+        "failed": len(failures),
+        "failures": failures,
+    }
+    write_text(out / f"{index:05d}_stats.json", json.dumps(stats, indent=1), f"shard {name}")
+    return stats
+
+
+def _write_samples(
+    path: Path, task: dict[str, Any], records: list[Record], failures: list, key_digits: int
+) -> tuple[int, int]:
+    """Write one shard's samples to ``path``; returns ``(samples, captions)`` written."""
+    index, count, n_captions = task["index"], 0, 0
+    with wds.TarWriter(str(path)) as tw:
         for i, rec in enumerate(records):
             rec: Record
             try:
@@ -117,15 +141,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
             tw.write(sample)
             count += 1
             n_captions += len(rec.captions)
-    stats = {
-        "shard": name,
-        "count": count,
-        "captions": n_captions,
-        "failed": len(failures),
-        "failures": failures,
-    }
-    (out / f"{index:05d}_stats.json").write_text(json.dumps(stats, indent=1))
-    return stats
+    return count, n_captions
 
 
 def build(
@@ -168,14 +184,15 @@ def build(
     if max_side < 0 or not 1 <= quality <= 100:
         raise ValueError(f"bad --max-side {max_side} / --quality {quality}")
     t0 = time.time()
+    check_output_folder(out, "OUTPUT_DIR")  # before the input is read
+    old = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if old and not overwrite:
+        raise ValueError(f"{out} already holds {len(old)} shards; pass --overwrite to replace them")
     damage = TarStats()  # damaged input tars: counted, named in one warning, in _stats.json
     records, classes, kind = read_input(input_path, image_root, damage)
     if not records:
         raise ValueError(f"{input_path}: no images found")
     out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("*.tar"))
-    if old and not overwrite:
-        raise ValueError(f"{out} already holds {len(old)} shards; pass --overwrite to replace them")
     for p in [*old, *out.glob("*_stats.json"), out / "sizes.json"]:
         p.unlink(missing_ok=True)
     if shuffle:
@@ -195,18 +212,27 @@ def build(
     workers = workers or os.cpu_count() or 1
     results = []
     bar = tqdm(total=len(records), unit="img", desc="build_shards", disable=not progress)
-    if workers == 1 or len(tasks) == 1:
-        for t in tasks:
-            results.append(write_shard(t))
-            bar.update(len(t["records"]))
-    else:
-        with get_context("fork").Pool(min(workers, len(tasks))) as pool:
-            for i, st in enumerate(pool.imap(write_shard, tasks)):
-                results.append(st)
-                bar.update(len(tasks[i]["records"]))
-    bar.close()
+    try:
+        if workers == 1 or len(tasks) == 1:
+            for t in tasks:
+                results.append(write_shard(t))
+                bar.update(len(t["records"]))
+        else:
+            with get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                for i, st in enumerate(pool.imap(write_shard, tasks)):
+                    results.append(st)
+                    bar.update(len(tasks[i]["records"]))
+    except BaseException as err:
+        # A failed build leaves no shard set that looks whole (old shards were cleared above).
+        for f in [*out.glob("*.tar"), *out.glob("*.tar.tmp*"), *out.glob("*_stats.json*")]:
+            f.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_failed("shards", out, err) from None
+        raise
+    finally:
+        bar.close()
     sizes = {st["shard"]: st["count"] for st in results}
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    write_text(out / "sizes.json", json.dumps(sizes, indent=1), "build_shards")
     stats = {
         "input": str(input_path),
         "kind": kind,
@@ -221,7 +247,7 @@ def build(
         "max_side": max_side,
         "seconds": round(time.time() - t0, 2),
     }
-    (out / "_stats.json").write_text(json.dumps(stats, indent=1))
+    write_text(out / "_stats.json", json.dumps(stats, indent=1), "build_shards")
     return stats
 
 
