@@ -90,19 +90,14 @@ def plan_quotas(
 ) -> tuple[list[int], int]:
     """Batches per reader of ``rank`` and per rank, equal on every rank (drop_last).
 
-    Raises:
-        ValueError: fewer samples left than one batch per rank.
+    0 when fewer samples are left than one batch per rank (a checkpoint at the epoch's end):
+    the resumed epoch yields nothing and the next one starts.
     """
     sizes = [sum(e - b for _, b, e in c) for c in chunks]
     quotas = [
         [sizes[r * workers + w] // batch_size for w in range(workers)] for r in range(world_size)
     ]
     num_batches = min(sum(q) for q in quotas)
-    if num_batches == 0:
-        raise ValueError(
-            f"data: {sum(sizes)} samples left in the epoch are too few for one batch of "
-            f"{batch_size} on each of {world_size} ranks; resume with a smaller train.batch_size"
-        )
     mine = quotas[rank]
     # As plan_epoch: trim the largest quotas first so every rank steps num_batches times.
     while sum(mine) > num_batches:

@@ -327,3 +327,16 @@ def test_elastic_resume_refuses_another_seed_in_one_line(shard_dir):
     one = _loader(shard_dir, workers=2, batch=4)
     with pytest.raises(ValueError, match="world_size=2 but this run has world_size=1"):
         one.load_state_dict(states[0])
+
+
+def test_elastic_resume_at_the_end_of_an_epoch_starts_the_next(shard_dir):
+    """A checkpoint after the epoch's last batch (before the loader noticed its end): on another
+    layout the epoch yields nothing more, and the next epoch is whole."""
+    first = _layout(shard_dir, 2, 2, 4)
+    for loader in first:
+        assert len(_run(loader, loader.num_batches)) == 12
+    states = [loader.state_dict() for loader in first]
+    loaders, tail, steps = _resume_on(states, shard_dir, 1, 0, 4)
+    assert tail == [] and steps == [0] and loaders[0].num_batches == 0
+    loaders[0].set_epoch(1)
+    assert loaders[0].num_batches == 24 and len({k for b in loaders[0] for k in b["key"]}) == 96
