@@ -143,3 +143,21 @@ def test_same_counts_in_eval_build_shards_verify_and_embed(
     assert set(counts.values()) == {expected}, counts
     kept, skipped, _ = counts["eval"]
     assert kept + skipped - stats.partial_samples == n_read
+
+
+def test_zeroed_region_is_damage_not_the_end_of_the_tar(members, tmp_path, caplog) -> None:
+    """Zero blocks where a header belongs look like the end-of-archive marker; valid headers
+    after them show they are not, so the scan reads on and counts the damage."""
+    path = tmp_path / "zeroed.tar"
+    ends = write_plain_tar(path, members)
+    data = bytearray(path.read_bytes())
+    data[ends[9] : ends[11]] = bytes(ends[11] - ends[9])  # members 10 and 11, headers included
+    path.write_bytes(bytes(data))
+    stats = TarStats()
+    with caplog.at_level(logging.WARNING):
+        keys = [r.key for r in open_source(str(path)).records(stats)]
+    assert len(keys) == len(members) - 2 and stats.unreadable_shards == 1
+    lost = {Path(n).with_suffix("").as_posix().removeprefix("./") for n, _ in members[10:12]}
+    assert lost.isdisjoint(keys)
+    assert f"skipped {ends[11] - ends[9]} damaged bytes" in str(stats.problems[0])
+    assert _warnings_naming(caplog, path) == 1
