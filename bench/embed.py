@@ -9,6 +9,13 @@ same through its batching (which prepares the next batch in a thread). A second 
 already-preprocessed tensors, isolating the API's own bookkeeping. Raw and API runs alternate,
 ``--repeats`` times (which side goes first alternates too); the ratio of medians is printed
 (API / raw: < 1.05 means < 5% overhead).
+
+``--onnx DIR`` (an ONNX export of ``--model``: ``clipkit export MODEL --format onnx --output DIR``)
+adds onnxruntime vs PyTorch CPU throughput: the same ``Embedder`` API over each backend, same
+inputs, same thread count, alternating; items/s, the ORT / PyTorch ratio and the max abs
+difference of the embeddings:
+    clipkit export /tmp/b32 --format onnx --output /tmp/b32-onnx
+    flock /tmp/clipkit-bench.lock python bench/embed.py --model /tmp/b32 --onnx /tmp/b32-onnx
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default=None, help="API precision (default fp32 cpu, fp16 cuda)")
     ap.add_argument("--cases", default="bytes,tensors,text", help="which rows to run")
+    ap.add_argument("--onnx", default="", help="ONNX export of --model: onnxruntime vs PyTorch")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     root = Path(os.environ.get("CLIPKIT_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
@@ -122,6 +130,39 @@ def main() -> None:
         diff = float(np.abs(np.asarray(got) - ref.numpy()).max())
         r, p = float(np.median(raw_t)), float(np.median(api_t))
         print(f"| {name} | {r:.2f} | {p:.2f} | {p / r:.3f} | {diff:.1e} |", flush=True)
+    if a.onnx:
+        onnx_vs_torch(a, emb, blobs, pre, texts)
+
+
+def onnx_vs_torch(a: argparse.Namespace, emb: Embedder, blobs, pre, texts) -> None:
+    """onnxruntime vs PyTorch on the CPU through the one Embedder API (same threads)."""
+    from clipkit.embed.onnx_model import OnnxModel
+
+    if emb.device.type != "cpu":
+        raise SystemExit("--onnx compares CPU throughput: use --device cpu")
+    ort = Embedder(OnnxModel(a.onnx, threads=a.threads))
+    if ort.model_id != emb.model_id:
+        print(f"warning: {a.onnx} is not an export of {a.model} (model_id differs)")
+    bs = a.batch_size
+    cases = [
+        ("image (JPEG bytes)", len(blobs), lambda e: e.encode_image(blobs, batch_size=bs)),
+        ("image (tensors)", len(pre), lambda e: e.encode_image(pre, batch_size=bs)),
+        ("text", len(texts), lambda e: e.encode_text(texts, batch_size=256)),
+    ]
+    print(f"\nonnxruntime vs PyTorch, CPU, {a.threads} threads each, fp32")
+    print("| case | PyTorch items/s | onnxruntime items/s | ORT / PyTorch | max abs diff |")
+    print("|---|---|---|---|---|")
+    for name, n, fn in cases:
+        times: dict[str, list[float]] = {"torch": [], "ort": []}
+        outs = {}
+        for i in range(a.repeats):
+            for side in ("torch", "ort") if i % 2 == 0 else ("ort", "torch"):
+                who = emb if side == "torch" else ort
+                t, outs[side] = timed(lambda fn=fn, who=who: fn(who))
+                times[side].append(t)
+        pt, ot = n / float(np.median(times["torch"])), n / float(np.median(times["ort"]))
+        diff = float(np.abs(outs["ort"] - outs["torch"]).max())
+        print(f"| {name} | {pt:.1f} | {ot:.1f} | {ot / pt:.2f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ and ``ftfy`` only, as open_clip does with torch:
   and ``Normalize`` perform, so the arrays equal the torch preprocessing bit for bit;
 * captions: open_clip's cleaning (``ftfy.fix_text``, HTML entities decoded twice, whitespace
   collapsed, lower case), CLIP's BPE from ``tokenizer.json``, then start + ids + end, cut to the
-  context length (the end token kept last) and padded with 0, as open_clip's ``SimpleTokenizer``.
+  context length (the end token kept last) and padded with 0, as open_clip's ``SimpleTokenizer``;
+* a text graph with a dynamic length (``"dynamic_length": true``) gets each batch cut after its
+  longest caption, as ``DualEncoder.encode_text`` does (exact for the causal tower).
 
 Example:
     >>> m = OnnxModel("exports/onnx")
@@ -104,6 +106,7 @@ class OnnxModel:
         self.std = np.asarray(img["std"], dtype=np.float32).reshape(3, 1, 1)
         self.context_length = int(txt["context_length"])
         self.sot, self.eot, self.pad = int(txt["sot_id"]), int(txt["eot_id"]), int(txt["pad_id"])
+        self.dynamic_length = bool(txt.get("dynamic_length", False))
         self.tokenizer = Tokenizer.from_file(str(p / txt["tokenizer_file"]))
         opts = ort.SessionOptions()
         if threads:
@@ -178,7 +181,12 @@ class OnnxModel:
 
     def encode_text(self, ids: np.ndarray, normalize: bool = True) -> np.ndarray:
         """``(B, L)`` token ids -> ``(B, D)`` float32 embeddings."""
-        return self._run("text", np.ascontiguousarray(ids, dtype=np.int64), normalize)
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.dynamic_length and ids.size:
+            pos = np.arange(1, ids.shape[1] + 1)  # (L,)
+            n = int(((ids != self.pad) * pos).max())  # the longest caption's last token + 1
+            ids = ids[:, : max(2, n)]  # (B, L'): the graph takes 2 .. L
+        return self._run("text", np.ascontiguousarray(ids), normalize)
 
 
 def default_threads() -> int | None:

@@ -2,8 +2,11 @@
 
 ``image.onnx``: ``pixel_values (B, 3, H, W) float32 -> image_embeds (B, D)``; ``text.onnx``:
 ``input_ids (B, L) int64 -> text_embeds (B, D)``; both unnormalised (the reader normalises, as
-``DualEncoder.encode_*(normalize=...)`` does), batch dynamic, L the model's context length (the
-tokenizer pads to it; the causal tower makes padding inert). ``preprocess.json`` records the image
+``DualEncoder.encode_*(normalize=...)`` does), batch dynamic. For open_clip's causal text
+transformer pooled at the end token, L is dynamic too (2 .. context length): the reader cuts each
+batch after its longest caption, as ``DualEncoder.encode_text`` does in PyTorch (exact: no kept
+position attends to a cut one, positions are absolute, the pooled token is kept); other towers
+take the full context length (``"dynamic_length": false``). ``preprocess.json`` records the image
 size, mean/std, resize mode and filter, the tokenizer kind, its file and special ids, and the
 PyTorch model's fingerprint; :class:`clipkit.embed.onnx_model.OnnxModel` reads the folder.
 
@@ -12,6 +15,7 @@ maintained path in torch 2.14. Both exporters give correct graphs of open_clip's
 forwards (``clip.encode_image`` / ``clip.encode_text`` at full length), which are exported rather
 than ``DualEncoder.encode_text``: that cuts each batch to its longest caption, a data-dependent
 shape the TorchScript exporter freezes at the example's length (wrong for longer captions).
+The dynamic-length text graph (:class:`_TextCut`) takes the cut ids from the reader instead.
 """
 
 from __future__ import annotations
@@ -43,6 +47,36 @@ class _Tower(nn.Module):
         return self.clip.encode_image(x) if self.image else self.clip.encode_text(x)  # (B, D)
 
 
+class _TextCut(nn.Module):
+    """open_clip ``CLIP.encode_text`` on ids ``(B, L')``, L' <= the context length: positions
+    and the causal mask sliced to L' (the forward open_clip runs at full length)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        c, n = self.clip, text.shape[1]
+        x = c.token_embedding(text) + c.positional_embedding[:n]  # (B, L', W)
+        x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask[:n, :n]))  # causal (L', L')
+        x = text_global_pool(x, text, "argmax")  # (B, W): the end token, the largest id
+        return x @ c.text_projection  # (B, D)
+
+
+def _cuttable(clip: nn.Module) -> bool:
+    """Whether the text tower is open_clip's causal transformer pooled at argmax (cut exact)."""
+    from open_clip.model import CLIP
+
+    return (
+        type(clip) is CLIP
+        and getattr(clip, "text_pool_type", "") == "argmax"
+        and clip.attn_mask is not None
+        and isinstance(clip.text_projection, nn.Parameter)
+    )
+
+
 def onnx_refusal(model: Any) -> str:
     """Why ``model`` cannot be exported to ONNX with a torch-free reader, or ``""``."""
     if not hasattr(model, "clip") or not hasattr(model.clip, "encode_text"):
@@ -62,8 +96,18 @@ def onnx_refusal(model: Any) -> str:
     return ""
 
 
-def _export(tower: nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str]) -> None:
+def _export(
+    tower: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    names: tuple[str, str],
+    max_length: int = 0,
+) -> None:
+    """Export ``tower`` with a dynamic batch (and length up to ``max_length`` when given)."""
     n_bytes = sum(p.numel() * p.element_size() for p in tower.parameters())
+    dims = {0: torch.export.Dim("batch", min=1)}
+    if max_length:
+        dims[1] = torch.export.Dim("length", min=2, max=max_length)
     torch.onnx.export(
         tower,
         (example,),
@@ -71,7 +115,7 @@ def _export(tower: nn.Module, example: torch.Tensor, path: Path, names: tuple[st
         input_names=[names[0]],
         output_names=[names[1]],
         dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        dynamic_shapes=(dims,),
         opset_version=OPSET,
         external_data=n_bytes > MAX_SINGLE_FILE,
         verbose=False,
@@ -99,17 +143,14 @@ def write_onnx(model: Any, out: Path, model_id: str = "") -> None:
     L = int(model.model_cfg["text_cfg"].get("context_length", 77))
     image_in = torch.zeros(2, 3, *size)  # (2, 3, H, W): batch 2 so it stays symbolic
     text_in = model.tokenize(["a photo", "a photo of a dog"])  # (2, L)
+    dynamic = _cuttable(clip)
+    text = _TextCut(clip) if dynamic else _Tower(clip, False)
     # The exporter prints progress lines on stdout; the CLI's output stays its own.
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        _export(
-            _Tower(clip, True).eval(),
-            image_in,
-            out / "image.onnx",
-            ("pixel_values", "image_embeds"),
-        )
-        _export(
-            _Tower(clip, False).eval(), text_in, out / "text.onnx", ("input_ids", "text_embeds")
-        )
+        names = ("pixel_values", "image_embeds")
+        _export(_Tower(clip, True).eval(), image_in, out / "image.onnx", names)
+        names = ("input_ids", "text_embeds")
+        _export(text.eval(), text_in, out / "text.onnx", names, L if dynamic else 0)
     write_clip_tokenizer(out, L)
     config = {
         "format": FORMAT,
@@ -133,6 +174,7 @@ def write_onnx(model: Any, out: Path, model_id: str = "") -> None:
             "tokenizer": "clip_bpe",
             "tokenizer_file": "tokenizer.json",
             "context_length": L,
+            "dynamic_length": dynamic,  # the reader may cut a batch after its longest caption
             "sot_id": VOCAB_SIZE - 2,
             "eot_id": VOCAB_SIZE - 1,
             "pad_id": 0,
