@@ -84,9 +84,9 @@ def train(config: str, out: Path, overrides: list[str], args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zs-steps", type=int, default=150, help="zero-shot model's steps")
-    p.add_argument("--ft-steps", type=int, default=80, help="fine-tuning steps")
+    p.add_argument("--ft-steps", type=int, default=150, help="fine-tuning steps")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--ft-lr", type=float, default=1e-4, help="fine-tuning lr (the config's)")
+    p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning lr (config: 1e-4)")
     p.add_argument("--ft-per-class", type=int, default=1000, help="train images per class")
     p.add_argument("--test-per-class", type=int, default=300)
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
@@ -94,11 +94,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "clipkit" / "bench"))
     p.add_argument("--results", default="", help="copy the sweep's md/json/png here")
+    p.add_argument("--work", default="", help="keep the runs here (default: a temp folder)")
     args = p.parse_args()
     t_start, load0 = time.perf_counter(), os.getloadavg()
     spec = train_shards(Path(args.cache))
     with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
+        work = Path(args.work or d)
+        work.mkdir(parents=True, exist_ok=True)
         # data: fine-tune shards of 5 classes, test cuts of the 5, the other 5 and all 10
         part = cut_imagefolder_tar(
             DATA / "cifar10" / "train.tar", work / "ft_train.tar", args.ft_per_class,
