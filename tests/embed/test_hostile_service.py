@@ -88,6 +88,14 @@ def test_issue_cases_are_one_line_4xx_on_one_keepalive_connection(embedder, buil
             status, _, answer = conn.request("POST", path, body, JSON)
             detail = _one_line_4xx(status, answer, body[:60])
             assert word in detail, (body[:60], detail)
+        body = b'{"text": "dog", "k": 1}'
+        for headers, code in (
+            ({"content-type": "text/plain"}, 415),
+            ({"host": "evil.example"}, 421),
+        ):
+            status, _, answer = conn.request("POST", "/search", body, {**JSON, **headers})
+            assert status == code, answer
+            _one_line_4xx(status, answer, headers)
         # The same socket still serves: no 4xx above closed the keep-alive connection.
         status, _, answer = conn.request("GET", "/health")
         assert (status, json.loads(answer)) == (200, {"status": "ok"})
