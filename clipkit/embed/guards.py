@@ -3,7 +3,8 @@
 :class:`Admission` is the service's outermost ASGI middleware. In order:
 
 1. ``Host`` not in :attr:`ServeLimits.allowed_hosts` -> 421 (DNS rebinding: a page on any site
-   can make a browser send requests to 127.0.0.1 under that site's name).
+   can make a browser send requests to 127.0.0.1 under that site's name); an ``Origin`` header
+   (a browser's page) whose host is not allowed -> 403.
 2. A declared ``Content-Length`` over ``max_body_bytes`` -> 413 before reading.
 3. A request with a body reserves :func:`~clipkit.embed.limits.body_cost` bytes of the body
    lane (waiting its turn), released when its response is sent.
@@ -17,6 +18,7 @@ Answers are JSON ``{"detail": "<one line>"}`` like the app's own.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi.responses import JSONResponse
@@ -52,6 +54,14 @@ class Admission:
             shown = host[:80] or "(none)"
             msg = f"Host {shown!r} is not served here; allowed: {', '.join(lim.allowed_hosts)}"
             return await _answer(421, msg, scope, receive, send)
+        origin = headers.get(b"origin")
+        if origin is not None and not lim.host_allowed(urlsplit(origin.decode("latin-1")).netloc):
+            # A browser names the page that sent the request: another site's page may not use
+            # the service (it could not read the answer, but it could make it work).
+            shown = origin.decode("latin-1")[:80]
+            return await _answer(
+                403, f"cross-origin request from {shown!r} refused", scope, receive, send
+            )
         declared = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         size = int(declared) if declared is not None and declared.isdigit() else None

@@ -127,6 +127,14 @@ def test_host_allowlist(embedder, built) -> None:
         assert "not served here" in _one_line_4xx(r.status_code, r.content, host)
     for host in ("localhost", "LOCALHOST:8000", "127.0.0.1:1", "[::1]", "[::1]:8000"):
         assert strict.get("/health", headers={"host": host}).status_code == 200, host
+    for origin, code in (
+        ("http://evil.example", 403),
+        ("null", 403),
+        ("http://localhost:8000", 200),
+        ("http://127.0.0.1:1", 200),
+    ):
+        r = strict.get("/health", headers={"host": "localhost", "origin": origin})
+        assert r.status_code == code, (origin, r.status_code)
     named = ServeLimits(allowed_hosts=("search.example",))
     r = TestClient(create_app(embedder, cat, named)).get(
         "/health", headers={"host": "search.example:80"}
