@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,10 @@ def rank_failure_guard(run_dir: str | Path) -> Iterator[None]:
             raise  # everyone answered: not a lost process, keep the real error
         line = describe(err, rank, world, lost, Path(run_dir))
         alive = [r for r in range(world) if lost is None or r not in lost]
+        if rank == min(alive, default=rank) and (lost is None or 0 in lost):
+            # Rank 0's progress bar died mid-line: the report starts a line of its own.
+            sys.stderr.write("\n")
+            sys.stderr.flush()
         # Printed by the lowest survivor only (the CLI prints all_ranks errors on rank 0 alone).
         raise RankLostError(line, all_ranks=rank != min(alive, default=rank)) from None
     finally:
