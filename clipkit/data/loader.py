@@ -6,7 +6,9 @@ or with views and a tokenizer (SLIP) both: ``{"image", "text", "views", "key"[, 
 ``loader.normalize(images)`` turns images into normalised floats on whatever device they are
 (uint8 batches are 4x cheaper to move between processes; see ANCHORS.md). Position in the
 epoch's deterministic sample order is tracked per reader, so :meth:`ShardLoader.state_dict`
-restarts exactly where a run stopped.
+restarts exactly where a run stopped; given every rank's states, :meth:`ShardLoader.load_state_dict`
+continues the epoch on another number of ranks, workers or batch size
+(:mod:`clipkit.data.elastic`).
 """
 
 from __future__ import annotations
