@@ -99,6 +99,9 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.2
+    # Which parameters decay: "clip" (not gains, biases, embeddings, temperature: CLIP's recipe)
+    # or "all" (every trainable parameter, as lightly's SSL benchmarks train).
+    decay: str = "clip"
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6

@@ -29,15 +29,31 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     )
 
 
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed AdamW group."""
+DECAY = ("clip", "all")
+
+
+def param_groups(
+    modules: Iterable[nn.Module], weight_decay: float, decay_rule: str = "clip"
+) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed group.
+
+    Args:
+        decay_rule: ``"clip"``: no decay on gains, biases, embeddings and the temperature;
+            ``"all"``: every trainable parameter decays (lightly's SSL benchmarks).
+
+    Raises:
+        ValueError: an unknown rule.
+    """
+    if decay_rule not in DECAY:
+        raise ValueError(f"unknown optim.decay '{decay_rule}'; valid: {', '.join(DECAY)}")
     decay, no_decay, seen = [], [], set()
     for module in modules:
         for name, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if _no_decay(name, p) else decay).append(p)
+            skip = decay_rule == "clip" and _no_decay(name, p)
+            (no_decay if skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -62,14 +78,14 @@ OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
 
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """``optim.name`` (AdamW or SGD) over ``modules`` with the CLIP weight-decay split.
+    """``optim.name`` (AdamW or SGD) over ``modules`` with the ``optim.decay`` weight-decay rule.
 
     Raises:
-        ValueError: unknown optimiser name, or nothing to train.
+        ValueError: unknown optimiser name or decay rule, or nothing to train.
     """
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optim.name '{cfg.name}'; valid: {', '.join(OPTIMIZERS)}")
-    groups = param_groups(modules, cfg.weight_decay)
+    groups = param_groups(modules, cfg.weight_decay, cfg.decay)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters (are both towers locked?)")
     return OPTIMIZERS[cfg.name](groups, cfg)

@@ -48,6 +48,11 @@ def test_no_decay_groups():
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 5  # bias, ln w+b, embedding, logit_scale
     assert no_decay["weight_decay"] == 0.0
+    # "all" (lightly's SSL benchmarks): every trainable parameter decays.
+    everything, nothing = param_groups([m], 0.2, "all")
+    assert len(everything["params"]) == 6 and not nothing["params"]
+    with pytest.raises(ValueError, match="unknown optim.decay 'some'; valid: clip, all"):
+        build_optimizer([m], OptimConfig(decay="some"))
     m.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer([m], OptimConfig())
