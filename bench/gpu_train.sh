@@ -2,7 +2,8 @@
 # GPU throughput check (run as one short script on a lent GPU): clipkit's trainer vs open_clip's
 # own trainer, ViT-B-32, bf16 autocast, the same global batch, the same synthetic JPEG shards
 # (8 x 1,000 images, 256-384 px), 8 loader workers each. Prints samples/s (median of the logged
-# intervals after the first) and peak CUDA memory for both, and the ratio.
+# intervals after the first) and peak CUDA memory for both, and the ratio; then clipkit again with
+# exact dynamic text length off (issue 18; FIXED_LENGTH_ROW=0 skips it) and the on/off ratio.
 # Usage: bash bench/gpu_train.sh [BATCH] [STEPS]     (defaults 256, 60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,20 +46,36 @@ python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.
   train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
   train.precision="$PREC_CK" train.output_dir="$WORK/ck" train.log_every=10 train.trackers=[] \
   eval.zeroshot= > "$WORK/ck.log" 2>&1 || { tail -30 "$WORK/ck.log"; exit 1; }
+# Issue 18: the same clipkit run with exact dynamic text length off (captions padded to 77).
+if [ "${FIXED_LENGTH_ROW:-1}" = 1 ]; then
+python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.name=$MODEL" \
+  train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
+  train.precision="$PREC_CK" train.output_dir="$WORK/ck_fixed" train.log_every=10 train.trackers=[] \
+  eval.zeroshot= model.dynamic_text_length=false > "$WORK/ck_fixed.log" 2>&1 \
+  || { tail -30 "$WORK/ck_fixed.log"; exit 1; }
+fi
 python - "$WORK" "$B" <<'PY'
 import json, re, statistics, sys
 work, B = sys.argv[1], int(sys.argv[2])
 oc = open(f"{work}/oc.log").read()
 oc_rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", oc)]
 oc_mem = float((re.findall(r"open_clip peak_mem_gb ([\d.]+)", oc) or ["nan"])[-1])
-lines = [json.loads(l) for l in open(f"{work}/ck/metrics.jsonl")]
-ck_rates = [l["train/samples_per_s"] for l in lines if "train/samples_per_s" in l]
-ck_mem = max([l.get("train/peak_mem_gb", float("nan")) for l in lines])
-oc_s, ck_s = statistics.median(oc_rates[1:]), statistics.median(ck_rates[1:])
+import os
+def clipkit_row(run):
+    lines = [json.loads(l) for l in open(f"{work}/{run}/metrics.jsonl")]
+    rates = [l["train/samples_per_s"] for l in lines if "train/samples_per_s" in l]
+    mem = max([l.get("train/peak_mem_gb", float("nan")) for l in lines])
+    data = [l["train/data_wait_frac"] for l in lines if "train/data_wait_frac" in l]
+    return statistics.median(rates[1:]), mem, statistics.median(data[1:] or [float("nan")])
+ck_s, ck_mem, ck_wait = clipkit_row("ck")
+oc_s = statistics.median(oc_rates[1:])
 oc_data = [float(d) / float(b) for d, b in re.findall(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", oc)]
-ck_data = [l["train/data_wait_frac"] for l in lines if "train/data_wait_frac" in l]
 print(f"batch {B}: | trainer | samples/s | peak GiB | data-wait fraction |")
 print(f"| open_clip | {oc_s:.0f} | {oc_mem:.2f} | {statistics.median(oc_data[1:] or [float('nan')]):.3f} |")
-print(f"| clipkit   | {ck_s:.0f} | {ck_mem:.2f} | {statistics.median(ck_data[1:] or [float('nan')]):.3f} |")
+print(f"| clipkit   | {ck_s:.0f} | {ck_mem:.2f} | {ck_wait:.3f} |")
+if os.path.isdir(f"{work}/ck_fixed"):
+    fx_s, fx_mem, fx_wait = clipkit_row("ck_fixed")
+    print(f"| clipkit, dynamic text length off | {fx_s:.0f} | {fx_mem:.2f} | {fx_wait:.3f} |")
+    print(f"dynamic text length on / off: {ck_s / fx_s:.2f}x")
 print(f"speedup vs open_clip: {ck_s / oc_s:.2f}x  memory ratio clipkit/open_clip: {ck_mem / oc_mem:.2f}")
 PY
