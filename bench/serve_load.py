@@ -2,7 +2,7 @@
 
 Starts ``clipkit serve`` as a subprocess on 127.0.0.1, then ``--clients`` threads send
 ``--requests`` requests in all, cycling embed-text / search-by-text / search-by-image (a COCO-mini
-JPEG, base64), and reports errors and p50/p99 per kind. Run:
+JPEG, base64), and reports errors, p50/p99 per kind and the server's peak RSS. Run:
     flock /tmp/clipkit-bench.lock python bench/serve_load.py --model RUN_OR_EXPORT --index INDEX_DIR
 (make INDEX_DIR with ``clipkit embed`` + ``clipkit index``; see bench/README.md).
 """
@@ -28,6 +28,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _peak_rss_mib(pid: int) -> str:
+    """The server's peak RSS (Linux ``VmHWM``), or "?" where the kernel does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return f"{int(line.split()[1]) / 1024:.0f}"
+    except OSError:
+        pass
+    return "?"
 
 
 def main() -> None:
@@ -79,13 +90,15 @@ def main() -> None:
             res = list(pool.map(one, range(a.requests)))
             wall = time.perf_counter() - t0
         healthy = httpx.get(url + "/health", timeout=5).json()
+        peak_mib = _peak_rss_mib(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
     errors = sum(c != 200 for _, _, c in res)
     print(
         f"{a.clients} clients, {a.requests} requests in {wall:.1f} s "
-        f"({a.requests / wall:.1f} req/s), errors {errors}, health after: {healthy}"
+        f"({a.requests / wall:.1f} req/s), errors {errors}, health after: {healthy}, "
+        f"server peak RSS {peak_mib} MiB"
     )
     print("| kind | n | p50 ms | p99 ms |\n|---|---|---|---|")
     for kind in ("embed_text", "search_text", "search_image", "all"):
