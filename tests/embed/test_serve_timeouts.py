@@ -1,7 +1,7 @@
 """Slow clients against the service (issue 17): half-sent headers, stalled uploads and idle
 connections are cut off by the configured timeouts, while the service keeps serving others.
 
-Timeouts are set to a fraction of a second; the tests wait for the server's reaction (a hang
+Timeouts are set to one second; the tests wait for the server's reaction (a hang
 guard bounds the wait), they assert no durations.
 """
 
