@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from clipkit.data.shards import Source, plan_epoch
+
 # One piece: raw positions [begin, end) of stream ``stream`` (positions count every raw
 # sample, decodable or not, in the stream's shuffled order).
 Piece = tuple[int, int, int]
@@ -38,6 +40,47 @@ class Stream:
     worker: int
     urls: list[str]
     count: int  # raw samples in one pass over ``urls``
+
+
+def epoch_streams(
+    sources: list[Source], epoch: int, seed: int, layout: tuple[int, int], num_samples: int
+) -> dict[int, Stream]:
+    """The streams of ``epoch`` begun on ``layout = (ranks, readers per rank)``, by id."""
+    ranks, readers = layout
+    out: dict[int, Stream] = {}
+    for r in range(ranks):
+        plan = plan_epoch(
+            sources,
+            epoch=epoch,
+            seed=seed,
+            rank=r,
+            world_size=ranks,
+            workers=readers,
+            batch_size=1,  # the streams do not depend on the batch size
+            train=True,
+            num_samples=num_samples,
+        )
+        for w in range(readers):
+            out[r * readers + w] = Stream(r, w, plan.urls[w], plan.counts[w])
+    return out
+
+
+def continue_epoch(
+    states: list[dict[str, Any]],
+    streams: dict[int, Stream],
+    world_size: int,
+    workers: int,
+    rank: int,
+    batch_size: int,
+) -> tuple[list[list[Piece]], list[int], int]:
+    """What ``rank`` of a ``world_size x workers`` layout reads of the rest of the saved epoch.
+
+    Returns:
+        Per reader of ``rank`` its pieces; per reader its batch quota; batches per rank.
+    """
+    chunks = split_pieces(remaining_pieces(states, streams), world_size * workers)
+    quotas, num_batches = plan_quotas(chunks, world_size, workers, rank, batch_size)
+    return chunks[rank * workers : (rank + 1) * workers], quotas, num_batches
 
 
 def remaining_pieces(states: list[dict[str, Any]], streams: dict[int, Stream]) -> list[Piece]:

@@ -24,14 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clipkit.data.decode import normalize
-from clipkit.data.elastic import (
-    Piece,
-    Stream,
-    merged_stats,
-    plan_quotas,
-    remaining_pieces,
-    split_pieces,
-)
+from clipkit.data.elastic import Piece, Stream, continue_epoch, epoch_streams, merged_stats
 from clipkit.data.shards import Plan, Source, parse_spec, plan_epoch, plan_resampled
 from clipkit.data.stream import STAT_KEYS, ReaderSpec, ShardStream
 from clipkit.data.views import ViewSpec
@@ -289,10 +282,10 @@ class ShardLoader:
         self.set_epoch(int(first["epoch"]))
         K = len(self.plan.urls)
         self._layout = tuple(first["layout"])
-        chunks = split_pieces(remaining_pieces(states, self._streams()), self.world_size * K)
         rank = self.spec.rank
-        quotas, num_batches = plan_quotas(chunks, self.world_size, K, rank, self.spec.batch_size)
-        self._pieces = chunks[rank * K : (rank + 1) * K]
+        self._pieces, quotas, num_batches = continue_epoch(
+            states, self._streams(), self.world_size, K, rank, self.spec.batch_size
+        )
         counts = [sum(e - b for _, b, e in c) for c in self._pieces]
         self.plan = Plan([[] for _ in range(K)], quotas, num_batches=num_batches, counts=counts)
         self.num_batches = num_batches
@@ -304,22 +297,9 @@ class ShardLoader:
         """The current epoch's streams: the readers of the layout it started on."""
         key = (self._epoch, self._layout)
         if getattr(self, "_stream_key", None) != key:
-            W0, K0 = self._layout
-            self._stream_cache: dict[int, Stream] = {}
-            for r in range(W0):
-                plan = plan_epoch(
-                    self.sources,
-                    epoch=self._epoch,
-                    seed=self.spec.seed,
-                    rank=r,
-                    world_size=W0,
-                    workers=K0,
-                    batch_size=1,  # the streams do not depend on the batch size
-                    train=True,
-                    num_samples=self.num_samples,
-                )
-                for w in range(K0):
-                    self._stream_cache[r * K0 + w] = Stream(r, w, plan.urls[w], plan.counts[w])
+            self._stream_cache = epoch_streams(
+                self.sources, self._epoch, self.spec.seed, self._layout, self.num_samples
+            )
             self._stream_key = key
         return self._stream_cache
 
