@@ -292,13 +292,20 @@ class DualEncoder(nn.Module):
         """Clamp the learnable scale to ``max_scale`` after each step, as CLIP does."""
         self.clip.logit_scale.clamp_(0, float(torch.log(torch.tensor(max_scale))))
 
-    def export(self, out_dir: str | Path) -> Path:
+    def export(self, out_dir: str | Path, location: str | Path | None = None) -> Path:
         """Write the model in open_clip's format (``open_clip_config.json`` + safetensors).
 
         The folder loads with ``open_clip.create_model_and_transforms("local-dir:" + out_dir)``
         and with :func:`load_dual_encoder`. SLIP's SSL head is not exported: open_clip has no
         place for it and no evaluation reads it (SLIP evaluates the CLIP towers); the run's
         checkpoints keep it (``load_model`` on a checkpoint folder rebuilds it).
+
+        Args:
+            out_dir: where to write.
+            location: where the folder will live when it is used, if it is written elsewhere
+                and renamed (the trainer writes ``export.tmp``, then renames it ``export``): an
+                HF text tower's config names the folder by absolute path (open_clip's loader
+                reads ``hf_model_name`` from there). Default: ``out_dir``.
         """
         from safetensors.torch import save_file
 
@@ -310,7 +317,7 @@ class DualEncoder(nn.Module):
             # local-dir loader reads the tokenizer from there); weights come from the state dict.
             self.clip.text.config.save_pretrained(out)
             self.tokenizer.tokenizer.save_pretrained(out)
-            here = str(out.resolve())
+            here = str(Path(location or out).expanduser().resolve())
             cfg["text_cfg"].update(
                 hf_model_name=here, hf_tokenizer_name=here, hf_model_pretrained=False
             )

@@ -180,4 +180,7 @@ class ClipTask(Task):
         return {"text_cache_hit_rate": max(0.0, 1.0 - computed / captions)}
 
     def export(self, cfg: Config, model: nn.Module, out_dir: str) -> None:
-        _unwrap(model).export(Path(out_dir))
+        # The loop writes ``<output_dir>/export.tmp`` and renames it ``export``: an HF text
+        # tower's config must name the final folder.
+        final = Path(cfg.train.output_dir).expanduser().resolve() / "export"
+        _unwrap(model).export(Path(out_dir), location=final)
