@@ -223,30 +223,31 @@ def main() -> int:
         p.error(f"--rows: unknown {', '.join(unknown)}; valid: open_clip, {', '.join(ROWS)}")
     spec = build_shards(Path(args.cache))
     results: dict[str, tuple[float, float, dict]] = {}
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
-        for row in rows:
-            if row == "open_clip":
-                rates, ckpt, wall = run_open_clip(spec, args, work)
-                export = open_clip_to_export(ckpt, work / "oc_export")
-            else:
-                rates, export, wall = run_clipkit(spec, args, work, row)
-            sps = statistics.median(rates[1:] or rates)
-            results[row] = (sps, wall, zero_shot(export, work, row))
-    steps_s = lambda sps: sps / args.batch  # noqa: E731
     print(
         f"CIFAR-10 train shards, {args.steps} steps x batch {args.batch}, fp32, "
         f"{args.workers} workers, {torch.get_num_threads()} torch threads, model {MODEL.stem}"
     )
     print(
         f"{'trainer':<14} {'samples/s':>10} {'steps/s':>8} {'wall s':>7} {'zs acc1':>8} "
-        f"{'zs acc5':>8}"
+        f"{'zs acc5':>8}",
+        flush=True,
     )
-    for name, (sps, wall, zs) in results.items():
-        print(
-            f"{name:<14} {sps:>10.1f} {steps_s(sps):>8.2f} {wall:>7.1f} {zs['acc1']:>8.4f} "
-            f"{zs['acc5']:>8.4f}"
-        )
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        for row in rows:  # each row printed when done: a long run that is stopped keeps its rows
+            if row == "open_clip":
+                rates, ckpt, wall = run_open_clip(spec, args, work)
+                export = open_clip_to_export(ckpt, work / "oc_export")
+            else:
+                rates, export, wall = run_clipkit(spec, args, work, row)
+            sps = statistics.median(rates[1:] or rates)
+            zs = zero_shot(export, work, row)
+            results[row] = (sps, wall, zs)
+            print(
+                f"{row:<14} {sps:>10.1f} {sps / args.batch:>8.2f} {wall:>7.1f} "
+                f"{zs['acc1']:>8.4f} {zs['acc5']:>8.4f}",
+                flush=True,
+            )
     pairs = [("clipkit", "open_clip"), ("clipkit", "clipkit-fixed"), ("lit", "lit-before")]
     for a, b in pairs:
         if a in results and b in results:
