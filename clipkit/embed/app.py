@@ -22,10 +22,13 @@ import base64
 import binascii
 import io
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
@@ -44,6 +47,7 @@ from clipkit.embed.thumbs import ImageUnavailable, PathView, open_image
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 _F32_MAX = float(np.finfo(np.float32).max)
+GONE_POLL_S = 0.05  # how often a running request checks that its client is still there
 
 # Request bodies as the OpenAPI schema documents them (and schemathesis fuzzes them).
 _TEXTS = {
@@ -106,7 +110,7 @@ def create_app(
     )
     body_lane = Accountant(lim.body_lane_bytes, "body memory")
     decode_lane = Accountant(lim.decode_lane_bytes, "decode memory")
-    model = Accountant(1, "model")  # one forward at a time: torch already uses every core
+    model_lock = threading.Lock()  # one forward at a time: torch already uses every core
     # Bytes of one image's model input (the decode reservation counts 2 per image: the
     # per-image tensors and their stacked batch).
     input_bytes = embedder.preprocess([Image.new("RGB", (8, 8))]).nbytes
@@ -114,7 +118,7 @@ def create_app(
 
     app = FastAPI(title="clipkit retrieval", version="1", description=__doc__.split("\n\n")[1])
     app.add_middleware(Admission, limits=lim, body_lane=body_lane)
-    app.state.lanes = {"body": body_lane, "decode": decode_lane, "model": model}
+    app.state.lanes = {"body": body_lane, "decode": decode_lane}
     app.state.stats = stats
 
     @app.exception_handler(RequestValidationError)
@@ -203,6 +207,31 @@ def create_app(
         img = load_image(blob, lim.max_pixels, f"image {i}")
         return embedder.preprocess([img], offset=i)  # (1, 3, H, W)
 
+    async def _in_thread(request: Request, work: Callable[[threading.Event], Any]) -> Any:
+        """``work(gone)`` in a worker thread while a watcher sets ``gone`` if the client leaves.
+
+        ``work`` checks ``gone`` before each decode and after taking the model lock, and returns
+        None when it is set. Threads hand the model lock to each other directly: a hand-over
+        through the event loop waits behind every other request's parsing (bench/README,
+        "Service under load").
+        """
+        gone = threading.Event()
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(GONE_POLL_S)
+            gone.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                out = await run_in_threadpool(work, gone)
+            finally:
+                tg.cancel_scope.cancel()
+        if out is None:
+            raise ClientGone
+        return out
+
     async def _encode_images(request: Request, blobs: list[bytes]) -> np.ndarray:
         costs = [_header(b, i) for i, b in enumerate(blobs)]
         need = max(costs) + 2 * len(blobs) * input_bytes
@@ -213,27 +242,28 @@ def create_app(
                 f"budget of {decode_lane.capacity >> 20} MiB (a quarter of the memory budget "
                 "is for bodies): send fewer or smaller images",
             )
-        gone = request.is_disconnected
-        async with decode_lane.hold(need, gone):
+
+        def work(gone: threading.Event) -> np.ndarray | None:
             parts = []
-            for i, blob in enumerate(blobs):
-                if await gone():
-                    raise ClientGone
-                parts.append(await run_in_threadpool(_prepare, blob, i))
+            for i, blob in enumerate(blobs):  # one at a time: the reservation holds one decode
+                if gone.is_set():
+                    return None
+                parts.append(_prepare(blob, i))
                 stats["decoded_images"] += 1
             x = torch.cat(parts)  # (B, 3, H, W)
             del parts
-            async with model.hold(1, gone):
-                if await gone():
-                    raise ClientGone
-                return await run_in_threadpool(embedder.encode_image, x, progress=False)
+            with model_lock:
+                return None if gone.is_set() else embedder.encode_image(x, progress=False)
+
+        async with decode_lane.hold(need, request.is_disconnected):
+            return await _in_thread(request, work)
 
     async def _encode_texts(request: Request, texts: list[str]) -> np.ndarray:
-        gone = request.is_disconnected
-        async with model.hold(1, gone):
-            if await gone():
-                raise ClientGone
-            return await run_in_threadpool(embedder.encode_text, texts, progress=False)
+        def work(gone: threading.Event) -> np.ndarray | None:
+            with model_lock:
+                return None if gone.is_set() else embedder.encode_text(texts, progress=False)
+
+        return await _in_thread(request, work)
 
     def _is_multipart(request: Request) -> bool:
         return request.headers.get("content-type", "").startswith("multipart/form-data")
