@@ -7,13 +7,15 @@ classes, then sweep the weight-space mix between the two.
    (AdamW lr 5e-4, 20 warmup steps + cosine, no clipping, fp32).
 2. Fine-tuned model: ``configs/finetune_cifar10.yaml`` with ``model.pretrained`` = that run, on
    caption shards (``data_tools.build_shards``) of the first ``--ft-per-class`` training images of
-   the 5 fine-tuned classes only (airplane, automobile, bird, cat, deer).
+   the 5 fine-tuned classes only (airplane, automobile, bird, cat, deer), ``--ft-steps`` at
+   ``--ft-lr`` (default 5e-4 x 150 steps; the config's 1e-4 x 80 steps barely moves this model).
 3. ``clipkit wise-ft --alphas ...`` evaluates every mix zero-shot (OpenAI's 18 CIFAR-10
    templates) on the first ``--test-per-class`` test images of: the fine-tuned classes (5-way),
    the other 5 classes (5-way: zero-shot on classes the fine-tune never saw), and all 10
    (10-way). Each training run is a fresh subprocess of the real trainer.
 
     flock /tmp/clipkit-bench.lock python bench/wise_ft.py | tee bench/results/wise_ft.log
+    # ~500 s on 2 quiet cores (bench/README.md)
     python bench/wise_ft.py --zs-steps 3 --ft-steps 2 --batch 16 --ft-per-class 20 \
         --test-per-class 10 --alphas 0,0.5,1      # smoke run
 
