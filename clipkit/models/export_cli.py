@@ -59,12 +59,13 @@ def check_output(out: Path, source: str, overwrite: bool) -> None:
     check_output_dir(out.parent, "--output's parent")
 
 
-def _write(model: Any, fmt: str, folder: Path) -> None:
+def _write(model: Any, fmt: str, folder: Path, final: Path) -> None:
+    """Write ``fmt`` into ``folder``, which will be renamed ``final``."""
     from clipkit.models.export_hf import write_hf
     from clipkit.models.export_onnx import write_onnx
 
     if fmt == "open_clip":
-        model.export(folder)
+        model.export(folder, location=final)  # an HF text tower's config names its folder
     elif fmt == "hf":
         write_hf(model, folder)
     else:
@@ -125,7 +126,7 @@ def export(source: str, fmt: str, output: str | Path, weights: str = "", overwri
     old = out.parent / f".{out.name}.export-old{os.getpid()}"
     try:
         tmp.mkdir()
-        _write(model, fmt, tmp)
+        _write(model, fmt, tmp, out.resolve())
         files = [p.name for p in tmp.iterdir()]
         card = render(model, loaded, fmt, command or f"clipkit export {source} ...", files)
         (tmp / "README.md").write_text(card, encoding="utf-8")

