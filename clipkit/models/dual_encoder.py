@@ -312,6 +312,9 @@ class DualEncoder(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(self.model_cfg)
+        if self.logit_bias is not None:
+            # SigLIP: open_clip builds the bias parameter only when its config names one.
+            cfg["init_logit_bias"] = float(self.logit_bias.detach().reshape(-1)[0])
         if "hf_model_name" in cfg.get("text_cfg", {}):
             # Self-contained: the HF config and tokenizer go into the folder (open_clip's
             # local-dir loader reads the tokenizer from there); weights come from the state dict.

@@ -45,6 +45,14 @@ def test_siglip_init_sets_scale_and_bias(tiny_json):
     assert m.logit_bias.item() == pytest.approx(-10.0)
 
 
+def test_siglip_export_loads_with_its_bias(tiny_json, tmp_path):
+    m = build_dual_encoder(ModelConfig(name=str(tiny_json)), LossConfig(name="siglip"))
+    with torch.no_grad():
+        m.logit_bias.fill_(-7.25)  # a trained value, not the initial one
+    back = load_dual_encoder(m.export(tmp_path / "export"))
+    assert back.logit_bias is not None and back.logit_bias.item() == -7.25
+
+
 def test_export_loads_in_open_clip_both_ways(tiny_json, tmp_path):
     m = build_dual_encoder(ModelConfig(name=str(tiny_json))).eval()
     x, t = _inputs(m)
