@@ -41,6 +41,9 @@ def _load_checkpoint(path: Path) -> DualEncoder:
     cfg = load_config(path / "config.yaml")
     if cfg.task != "clip":
         raise ValueError(f"checkpoint {path} is a '{cfg.task}' model, not an image-text model")
+    # The checkpoint's own weights replace everything: the run's model.pretrained (a file that
+    # may have moved, or a path relative to where the run started) is not read again.
+    cfg.model.pretrained = ""
     model = build_dual_encoder(cfg.model, cfg.loss, cfg.ssl)  # SLIP runs: with their SSL head
     state = load_file(str(weights))
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -180,3 +180,20 @@ def test_training_cli_refuses_in_one_line(arch, source, tmp_path) -> None:
     assert len(lines) == 1 and "does not fit the architecture" in lines[0], res.stderr
     assert "missing keys" in lines[0] and "other shapes" in lines[0]
     assert not [p for p in out.rglob("*") if p.is_file()]  # nothing written
+
+
+def test_checkpoint_of_a_finetune_loads_without_its_pretrained_file(arch, source, tmp_path):
+    """A fine-tuned run's checkpoint rebuilds from config.yaml without re-reading
+    model.pretrained (it may have moved): the checkpoint's weights are the model."""
+    from clipkit.models.load import load_model
+
+    src, _ = source
+    ck = tmp_path / "ft" / "checkpoints" / "step_0000001"
+    ck.mkdir(parents=True)
+    (ck / "config.yaml").write_text(
+        f"task: clip\nmodel:\n  name: {arch}\n  pretrained: {tmp_path / 'gone.safetensors'}\n"
+    )
+    state = {f"clip.{k}": v.contiguous() for k, v in src.clip.state_dict().items()}
+    save_file(state, str(ck / "model.safetensors"))
+    model, _ = load_model(str(ck))
+    _assert_same(model.clip, src.clip)
