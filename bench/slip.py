@@ -29,7 +29,6 @@ Last line: ``SLIP vs CLIP: zero-shot acc1 +X.XX, kNN acc1 +X.XX, linear probe ac
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -40,23 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shards import say, train_shards  # bench/_shards.py
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CLIPKIT_DATA", REPO.parent / "shared" / "data"))
 CONFIG = REPO / "configs" / "slip_cifar10.yaml"
 RUNS = {"clip": 0.0, "slip": 1.0}  # run -> loss.ssl_weight
-
-
-def say(*args: object) -> None:
-    print(*args, flush=True)
-
-
-def train_shards(cache: Path) -> str:
-    """The CIFAR-10 train caption shards, exactly as bench/train.py builds (and caches) them."""
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build_shards(cache)
 
 
 def cut(src: Path, dst: Path, per_class: int) -> Path:

@@ -27,7 +27,6 @@ Last line: ``WiSE-FT alpha A: fine-tuned classes X.XXXX (vs Y.YYYY at 1), other 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -38,25 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shards import say, train_shards  # bench/_shards.py
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CLIPKIT_DATA", REPO.parent / "shared" / "data"))
 FT_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 OTHER_CLASSES = ("dog", "frog", "horse", "ship", "truck")
 sys.path.insert(0, str(REPO))
 from tests.cifar_cuts import cut_imagefolder_tar  # noqa: E402  (the one CIFAR cut helper)
-
-
-def say(*args: object) -> None:
-    print(*args, flush=True)
-
-
-def train_shards(cache: Path) -> str:
-    """The CIFAR-10 train caption shards, exactly as bench/train.py builds (and caches) them."""
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build_shards(cache)
 
 
 def run(cmd: list[str], what: str) -> float:
