@@ -92,13 +92,9 @@ class TextTower:
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, L)`` -> unnormalised features ``(B, D)``, at the cut length."""
-        text = self.cut(text)
-        if self.hf:
-            return self.clip.text(text)
-        if text.shape[1] == self.src.positional_embedding.shape[0] or not self.dynamic:
-            return self.clip.encode_text(text)  # open_clip's own forward at full length
-        return self._head_oc(self._trunk_oc(text))
+        """Token ids ``(B, L)`` -> unnormalised features ``(B, D)``, at the cut length: the
+        trunk then the head (HF: the encoder's own forward, split at its projection)."""
+        return self.head(self.trunk(text))
 
     def _trunk_oc(self, text: torch.Tensor) -> torch.Tensor:
         """open_clip's text transformer on ``(B, L')`` ids with the mask and positions cut."""
