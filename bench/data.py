@@ -9,6 +9,13 @@ then measures samples/s (median of --reps) of each pipeline from iterator creati
 with 2 workers and with 0. Also prints the physical limits on this machine (raw tar read and
 full-size JPEG decode per core) and the fraction of them clipkit reaches. Its last line reads
 ``speedup vs open_clip (2 workers): X.XXx``.
+
+``--baseline REV`` adds a row for clipkit at git revision REV (a throw-away worktree, measured in
+a subprocess per run, interleaved with the others) and a line ``clipkit vs clipkit@REV (W
+workers): X.XXx samples/s per core``. ``--profile`` first prints where a sample's CPU time goes
+in one loading process on one core (tar read, JPEG header, DCT-scaled decode, crop + resize,
+tokenisation, batch stacking; the rest of the loader as ``other``), as process CPU time, so
+other jobs on the machine inflate it less than wall time.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from argparse import Namespace
 from functools import partial
@@ -137,6 +146,92 @@ def open_clip_iter(spec: str, workers: int, tokenizer):
     yield from info.dataloader
 
 
+def baseline_rate(tree: Path, spec: str, workers: int, batches: int) -> float:
+    """clipkit at another revision (checked out in ``tree``): one measurement in a subprocess."""
+    code = (
+        "import sys, open_clip, torch; sys.argv = ['x']; torch.set_num_threads(1)\n"
+        f"sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "import data as d\n"
+        "tok = open_clip.get_tokenizer('ViT-B-32')\n"
+        f"print(d.measure(lambda: d.clipkit_iter({spec!r}, {workers}, tok), {batches}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def profile(urls: list[str], tok, n: int = 640) -> None:
+    """Per-stage CPU milliseconds of a sample on one core (process time), then the loader's."""
+    import math
+    import random
+
+    import simplejpeg
+    import torch
+    import webdataset as wds
+    from PIL import Image
+
+    from clipkit.data import decode as dec
+
+    t = {k: 0.0 for k in ("tar read", "JPEG header", "decode", "crop + resize")}
+    clock = time.process_time
+    t0, samples = clock(), []
+    for _, smp in zip(range(n), wds.tarfile_samples([{"url": u} for u in urls[2:4]])):
+        samples.append(smp)
+    t["tar read"] = clock() - t0
+    images, pil = [], 0.0
+    for i, smp in enumerate(samples):
+        data, rng = smp["jpg"], random.Random(i)
+        t0 = clock()
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        box = dec.crop_params(rng, h, w, (0.9, 1.0))
+        t1 = clock()
+        arr = simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_height=min(h, math.ceil(SIZE * h / box[2])),
+            min_width=min(w, math.ceil(SIZE * w / box[3])),
+        )
+        t2 = clock()
+        images.append(dec._resize_box_array(arr, box, (h, w), SIZE))
+        t3 = clock()
+        dec._resize_box(Image.fromarray(arr), box, (h, w), SIZE)  # before: PIL image, crop, resize
+        pil += clock() - t3
+        t["JPEG header"] += t1 - t0
+        t["decode"] += t2 - t1
+        t["crop + resize"] += t3 - t2
+    caps = [smp["txt"].decode() for smp in samples]
+    t0 = clock()
+    for k in range(0, n, BATCH):
+        tok(caps[k : k + BATCH])
+    t["tokenise"] = clock() - t0
+    t0 = clock()
+    for k in range(0, n, BATCH):
+        torch.stack(images[k : k + BATCH])
+    t["stack batch"] = clock() - t0
+    spec = str(Path(urls[0]).parent / f"{{00000..{SHARDS - 1:05d}}}.tar")
+    it = iter(clipkit_iter(spec, 0, tok))
+    for _ in range(20):  # past the shuffle buffer's fill
+        next(it)
+    t0, m = clock(), 0
+    for _ in range(n // BATCH):
+        m += next(it)[0].shape[0]
+    total = (clock() - t0) / m * 1e3
+    parts = {k: v / n * 1e3 for k, v in t.items()}
+    parts["other (loader, decode loop, samples)"] = max(0.0, total - sum(parts.values()))
+    print(
+        f"\nper-sample CPU profile (1 core, process time, {n} samples, batch {BATCH}, {SIZE} px):"
+    )
+    print("| stage | ms / sample | share |\n|---|---|---|")
+    for k, v in parts.items():
+        print(f"| {k} | {v:.3f} | {v / total:.0%} |")
+    print(f"| total (0-worker loader) | {total:.3f} | = {1e3 / total:.0f} samples/s per core |")
+    print(
+        f"(the previous crop + resize, PIL image + crop + bicubic: {pil / n * 1e3:.3f} ms / sample)"
+    )
+
+
 def measure(make_iter, batches: int) -> float:
     """Samples/s from iterator creation to the ``batches``-th batch."""
     t0 = time.perf_counter()
@@ -184,6 +279,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batches", type=int, default=60)
     p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker runs")
+    p.add_argument("--baseline", default=None, help="also time clipkit at this git revision")
+    p.add_argument("--profile", action="store_true", help="per-stage CPU profile first")
     args = p.parse_args()
     corpus = build_corpus(args.corpus, args.data_root)
     lock = open("/tmp/clipkit-bench.lock", "a")  # noqa: SIM115 (held for the whole run)
@@ -216,7 +313,22 @@ def main() -> int:
             "using it with the one-line eof_value shim"
         )
     _shim_open_clip()
+    if args.profile:
+        profile(urls, tok)
     W = args.workers
+    base_tree = None
+    if args.baseline:
+        base_tree = Path(tempfile.mkdtemp(prefix="clipkit-baseline-")) / "tree"
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(base_tree),
+             args.baseline],
+            check=True,
+        )  # fmt: skip
+        rev = subprocess.run(
+            ["git", "-C", str(base_tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        print(f"baseline: clipkit at {args.baseline} ({rev}) in {base_tree}")
     runs = {
         ("open_clip", W): lambda: open_clip_iter(spec, W, tok),
         ("clipkit", W): lambda: clipkit_iter(spec, W, tok),
@@ -224,17 +336,25 @@ def main() -> int:
         ("open_clip", 0): lambda: open_clip_iter(spec, 0, tok),
         ("clipkit", 0): lambda: clipkit_iter(spec, 0, tok),
     }
+    if base_tree is not None:
+        runs[("clipkit@" + args.baseline, W)] = None
     results: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
     for rep in range(args.reps):  # interleaved, so drift on a shared machine hits all alike
         for key, make in runs.items():
-            results[key].append(measure(make, args.batches if key[1] else args.batches // 2))
+            nb = args.batches if key[1] else args.batches // 2
+            if make is None:
+                results[key].append(baseline_rate(base_tree, spec, key[1], nb))
+            else:
+                results[key].append(measure(make, nb))
             print(
                 f"  rep {rep}: {key[0]:<24} workers={key[1]}  {results[key][-1]:7.1f} samples/s",
                 flush=True,
             )
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\n| pipeline | {W} workers, samples/s | 0 workers, samples/s |\n|---|---|---|")
-    for name in ("open_clip", "clipkit", "clipkit + CPU normalize"):
+    names = ["open_clip", "clipkit", "clipkit + CPU normalize"]
+    names += ["clipkit@" + args.baseline] if base_tree is not None else []
+    for name in names:
         zero = f"{med[(name, 0)]:.0f}" if (name, 0) in med else "-"
         print(f"| {name} | {med[(name, W)]:.0f} | {zero} |")
     raw = raw_read_rate(urls[:2])
@@ -250,6 +370,10 @@ def main() -> int:
         f"full-size decode limit ({limit:.0f} img/s; DCT-scaled decoding can exceed it)"
     )
     print(f"speedup vs open_clip (0 workers): {med[('clipkit', 0)] / med[('open_clip', 0)]:.2f}x")
+    if base_tree is not None:
+        ratio = med[("clipkit", W)] / med[("clipkit@" + args.baseline, W)]
+        print(f"clipkit vs clipkit@{args.baseline} ({W} workers): {ratio:.2f}x samples/s per core")
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)])
     print(f"speedup vs open_clip ({W} workers): {med[('clipkit', W)] / med[('open_clip', W)]:.2f}x")
     return 0
 
