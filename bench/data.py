@@ -92,11 +92,12 @@ def build_corpus(out: Path, data_root: Path) -> Path:
 
 
 # -- pipelines ---------------------------------------------------------------------------------
-def clipkit_iter(spec: str, workers: int, tokenizer, cpu_normalize: bool = False):
+def clipkit_iter(spec: str, workers: int, tokenizer, cpu_normalize: bool = False, decode="workers"):
     from clipkit.config.schema import DataConfig
     from clipkit.data import build_train_loader
 
-    cfg = DataConfig(train=spec, workers=workers)
+    extra = {"decode": decode} if decode != "workers" else {}  # --baseline: older configs
+    cfg = DataConfig(train=spec, workers=workers, **extra)
     import open_clip
 
     loader = build_train_loader(
@@ -111,6 +112,10 @@ def clipkit_iter(spec: str, workers: int, tokenizer, cpu_normalize: bool = False
     for batch in loader:
         if cpu_normalize:
             batch["image"] = loader.normalize(batch["image"])
+        if batch["image"].is_cuda:  # data.decode=device: count a batch once its pixels exist
+            import torch
+
+            torch.cuda.synchronize()
         yield batch["image"], batch["text"]
 
 
@@ -281,6 +286,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker runs")
     p.add_argument("--baseline", default=None, help="also time clipkit at this git revision")
     p.add_argument("--profile", action="store_true", help="per-stage CPU profile first")
+    p.add_argument(
+        "--device-decode", action="store_true", help="add clipkit with data.decode=device (CUDA)"
+    )
     args = p.parse_args()
     corpus = build_corpus(args.corpus, args.data_root)
     lock = open("/tmp/clipkit-bench.lock", "a")  # noqa: SIM115 (held for the whole run)
@@ -338,6 +346,9 @@ def main() -> int:
     }
     if base_tree is not None:
         runs[("clipkit@" + args.baseline, W)] = None
+    dev_row = "clipkit, data.decode=device"
+    if args.device_decode:
+        runs[(dev_row, W)] = lambda: clipkit_iter(spec, W, tok, decode="device")
     results: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
     for rep in range(args.reps):  # interleaved, so drift on a shared machine hits all alike
         for key, make in runs.items():
@@ -354,6 +365,7 @@ def main() -> int:
     print(f"\n| pipeline | {W} workers, samples/s | 0 workers, samples/s |\n|---|---|---|")
     names = ["open_clip", "clipkit", "clipkit + CPU normalize"]
     names += ["clipkit@" + args.baseline] if base_tree is not None else []
+    names += [dev_row] if args.device_decode else []
     for name in names:
         zero = f"{med[(name, 0)]:.0f}" if (name, 0) in med else "-"
         print(f"| {name} | {med[(name, W)]:.0f} | {zero} |")
@@ -370,6 +382,9 @@ def main() -> int:
         f"full-size decode limit ({limit:.0f} img/s; DCT-scaled decoding can exceed it)"
     )
     print(f"speedup vs open_clip (0 workers): {med[('clipkit', 0)] / med[('open_clip', 0)]:.2f}x")
+    if args.device_decode:
+        ratio = med[(dev_row, W)] / med[("clipkit", W)]
+        print(f"decode on device / in workers ({W} workers): {ratio:.2f}x")
     if base_tree is not None:
         ratio = med[("clipkit", W)] / med[("clipkit@" + args.baseline, W)]
         print(f"clipkit vs clipkit@{args.baseline} ({W} workers): {ratio:.2f}x samples/s per core")

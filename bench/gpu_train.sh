@@ -3,7 +3,9 @@
 # own trainer, ViT-B-32, bf16 autocast, the same global batch, the same synthetic JPEG shards
 # (8 x 1,000 images, 256-384 px), 8 loader workers each. Prints samples/s (median of the logged
 # intervals after the first) and peak CUDA memory for both, and the ratio; then clipkit again with
-# exact dynamic text length off (issue 18; FIXED_LENGTH_ROW=0 skips it) and the on/off ratio.
+# exact dynamic text length off (issue 18; FIXED_LENGTH_ROW=0 skips it) and the on/off ratio;
+# then clipkit with data.decode=device (issue 15: nvJPEG decode, crop and resize on the GPU;
+# DEVICE_DECODE_ROW=0 skips it) and its ratio to the workers' decode.
 # Usage: bash bench/gpu_train.sh [BATCH] [STEPS]     (defaults 256, 60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +56,14 @@ python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.
   eval.zeroshot= model.dynamic_text_length=false > "$WORK/ck_fixed.log" 2>&1 \
   || { tail -30 "$WORK/ck_fixed.log"; exit 1; }
 fi
+# Issue 15: the same clipkit run with the JPEGs decoded on the GPU (data.decode=device).
+if [ "${DEVICE_DECODE_ROW:-1}" = 1 ]; then
+python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.name=$MODEL" \
+  train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
+  train.precision="$PREC_CK" train.output_dir="$WORK/ck_dev" train.log_every=10 train.trackers=[] \
+  eval.zeroshot= data.decode=device > "$WORK/ck_dev.log" 2>&1 \
+  || { tail -30 "$WORK/ck_dev.log"; exit 1; }
+fi
 python - "$WORK" "$B" <<'PY'
 import json, re, statistics, sys
 work, B = sys.argv[1], int(sys.argv[2])
@@ -77,5 +87,9 @@ if os.path.isdir(f"{work}/ck_fixed"):
     fx_s, fx_mem, fx_wait = clipkit_row("ck_fixed")
     print(f"| clipkit, dynamic text length off | {fx_s:.0f} | {fx_mem:.2f} | {fx_wait:.3f} |")
     print(f"dynamic text length on / off: {ck_s / fx_s:.2f}x")
+if os.path.isdir(f"{work}/ck_dev"):
+    dv_s, dv_mem, dv_wait = clipkit_row("ck_dev")
+    print(f"| clipkit, data.decode=device | {dv_s:.0f} | {dv_mem:.2f} | {dv_wait:.3f} |")
+    print(f"decode on device / in workers: {dv_s / ck_s:.2f}x; vs open_clip: {dv_s / oc_s:.2f}x")
 print(f"speedup vs open_clip: {ck_s / oc_s:.2f}x  memory ratio clipkit/open_clip: {ck_mem / oc_mem:.2f}")
 PY

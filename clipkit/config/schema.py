@@ -29,6 +29,9 @@ class DataConfig:
     # Caption field(s) in the shards, tried in order.
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "text", "caption"])
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    # Where training JPEGs are decoded: "workers" (CPU, DCT-scaled) or "device" (nvJPEG on the
+    # training GPU, crop and resize there; the workers only read; without CUDA: the workers).
+    decode: str = "workers"
 
 
 @dataclass

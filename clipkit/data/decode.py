@@ -173,15 +173,57 @@ def _resize_box(img: Image.Image, box: Box, full: tuple[int, int], size: int) ->
 
 
 def _resize_box_array(arr: np.ndarray, box: Box, full: tuple[int, int], size: int) -> torch.Tensor:
-    """The fast path's crop + resize: the box as a strided view of the ``(h', w', 3)`` uint8
-    array, resized by torch's uint8 antialiased bicubic (PIL's algorithm, vectorised)."""
-    top, left, h, w = _box_in(box, arr.shape[:2], full)
-    x = torch.from_numpy(arr).permute(2, 0, 1)[
-        None, :, top : top + h, left : left + w
-    ]  # (1, 3, h, w)
+    """The fast path's crop + resize of a decoded ``(h', w', 3)`` uint8 array (no copy)."""
+    return resize_crop(torch.from_numpy(arr).permute(2, 0, 1), box, full, size)
+
+
+def resize_crop(image: torch.Tensor, box: Box, full: tuple[int, int], size: int) -> torch.Tensor:
+    """Crop ``box`` (original pixels of a ``full`` (h, w) image) out of a decode of it and resize
+    to ``S x S`` with antialiased bicubic: the train crop of the fast and the device paths.
+
+    Args:
+        image: uint8 ``(3, h', w')``, any strides (a view of an ``(h', w', 3)`` array is fine),
+            on the CPU or a GPU; ``(h', w')`` may be a DCT-downscaled size of ``full``.
+        box: ``(top, left, h, w)`` in ``full`` pixels.
+        full: the original image's ``(h, w)``.
+        size: output side ``S``.
+
+    Returns:
+        uint8 ``(3, S, S)`` on the image's device. On the CPU torch's uint8 kernel (PIL's
+        algorithm); elsewhere the same filter in float32, rounded to uint8.
+    """
+    top, left, h, w = _box_in(box, (image.shape[1], image.shape[2]), full)
+    x = image[None, :, top : top + h, left : left + w]  # (1, 3, h, w) view
     if h == size and w == size:
         return x[0].contiguous()
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]  # (3, S, S)
+    if x.device.type == "cpu":
+        return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
+    y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)[0]
+    return y.round_().clamp_(0, 255).to(torch.uint8)  # (3, S, S)
+
+
+def device_crop_plan(
+    data: bytes, rng: random.Random, scale: tuple[float, float]
+) -> tuple[Box, tuple[int, int]] | None:
+    """The train crop's box, for a JPEG to be decoded on the training device.
+
+    Draws the box with the same random calls as :func:`train_crop`, so a sample gets the same
+    box on either path. None (nothing drawn): not a JPEG the device path takes, i.e. not a
+    JPEG, an unreadable header, CMYK / YCCK, an EXIF rotation, or no end-of-image marker (a
+    truncated file): those are decoded on the CPU, where a broken one is skipped and counted.
+
+    Returns:
+        ``((top, left, h, w), (height, width))`` in original pixels, or None.
+    """
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace in ("CMYK", "YCCK") or _jpeg_orientation(data) != 1:
+        return None
+    return crop_params(rng, h, w, scale), (h, w)
 
 
 def train_crop(

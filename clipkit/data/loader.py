@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clipkit.data.decode import normalize
+from clipkit.data.device_decode import check_mode, device_for_decode, unpack
 from clipkit.data.elastic import Piece, Stream, continue_epoch, epoch_streams, merged_stats
 from clipkit.data.shards import Plan, Source, parse_spec, plan_epoch, plan_resampled
 from clipkit.data.stream import STAT_KEYS, ReaderSpec, ShardStream
@@ -57,9 +58,13 @@ class ShardLoader:
         num_samples: int,
         mean: Sequence[float],
         std: Sequence[float],
+        decode_device: torch.device | None = None,
     ):
         self.sources = sources
         self.spec = spec
+        # data.decode=device: where the main process decodes the workers' JPEGs.
+        self.decode_device = decode_device
+        self._device_stats: Counter = Counter()
         self.workers = workers
         self.world_size = world_size
         self.num_samples = num_samples
@@ -141,6 +146,7 @@ class ShardLoader:
         )
         base = dict(self.stats)
         self._worker_stats = {}
+        self._device_stats = Counter()
         # HF fast tokenizers deadlock in forked workers once their thread pool has started.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         dl = DataLoader(
@@ -160,6 +166,9 @@ class ShardLoader:
             total = Counter(base)
             for st in self._worker_stats.values():
                 total.update(st)
+            if self.spec.device_decode and "key" in item:
+                unpack(item, self.spec.image_size, self.decode_device, self._device_stats)
+            total.update(self._device_stats)
             self.stats = {k: total.get(k, 0) for k in (*STAT_KEYS, *total)}
             if "key" not in item:
                 continue  # stats-only end-of-stream marker
@@ -334,6 +343,7 @@ def build_train_loader(
     fast_decode: bool = True,
     scale: tuple[float, float] = (0.9, 1.0),
     views: ViewSpec | None = None,
+    decode_device: str | torch.device | None = None,
 ) -> ShardLoader:
     """The training reader over ``cfg.train`` (shards, or ImageFolder folders/tars and image
     folders through the input layer).
@@ -360,6 +370,9 @@ def build_train_loader(
             caption training batch (same samples, crop boxes and captions as without views)
             plus the views, all crops of one decode per image. Each view is seeded by (seed,
             epoch, sample key, view index).
+        decode_device: with ``cfg.decode="device"``, where the batches' JPEGs are decoded
+            (:mod:`clipkit.data.device_decode`); None: this process's CUDA device, and without
+            one the workers decode (one warning line).
 
     Returns:
         A :class:`ShardLoader`; batches hold uint8 images, call ``loader.normalize`` on device.
@@ -385,6 +398,18 @@ def build_train_loader(
         raise ValueError(
             "views are a training augmentation; build_train_loader(train=False) has none"
         )
+    mode = getattr(cfg, "decode", "workers")
+    check_mode(mode)
+    device = None
+    if mode == "device":
+        if views is not None or not train:
+            raise ValueError(
+                "data.decode=device applies to caption training; self-supervised views and "
+                "evaluation are decoded by the workers (data.decode=workers)"
+            )
+        device = torch.device(decode_device) if decode_device is not None else device_for_decode()
+        if device is None:
+            log.warning("data.decode=device: no CUDA device in this process; the workers decode")
     sources = parse_spec(cfg.train, cfg.weights)
     need_text = views is None or tokenizer is not None  # views + tokenizer: SLIP's batches
     if need_text:
@@ -410,6 +435,7 @@ def build_train_loader(
         shuffle_buffer=int(cfg.shuffle_buffer),
         scale=tuple(scale),
         fast_decode=fast_decode,
+        device_decode=device is not None,
         need_text=need_text,
         views=views,
         records={s.spec: s.records for s in sources if s.records is not None},
@@ -422,6 +448,7 @@ def build_train_loader(
         num_samples=int(cfg.num_samples),
         mean=mean,
         std=std,
+        decode_device=device,
     )
 
 

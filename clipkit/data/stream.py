@@ -25,7 +25,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipkit.data.decode import DecodeError, crop_params, eval_crop, train_crop
+from clipkit.data.decode import (
+    DecodeError,
+    crop_params,
+    device_crop_plan,
+    eval_crop,
+    train_crop,
+)
+from clipkit.data.device_decode import pack
 from clipkit.data.elastic import Piece, Stream
 from clipkit.data.records import image_bytes
 from clipkit.data.shards import Plan, is_url, part_range, split_part, tar_end_ok
@@ -62,6 +69,8 @@ class ReaderSpec:
     shuffle_buffer: int
     scale: tuple[float, float] = (0.9, 1.0)
     fast_decode: bool = True
+    # data.decode=device: JPEGs travel encoded with their crop box (clipkit.data.device_decode).
+    device_decode: bool = False
     need_text: bool = True
     # Resume: raw position and batches already produced, per logical reader.
     start_pos: list[int] = field(default_factory=list)
@@ -232,7 +241,7 @@ class _Reader:
         if s.views is not None and not s.need_text:
             return self._decode_views(sample, img_bytes)
         rng = random.Random(f"{s.seed}/{s.epoch}/{self.rank}/{self.sr}/{pos}")
-        views = None
+        views = plan = None
         try:
             if s.views is not None:
                 # SLIP: the caption crop (its box from rng, as below) and the views, one decode
@@ -248,13 +257,18 @@ class _Reader:
                     crops=lambda h, w: [crop_params(rng, h, w, s.scale)],
                 )
             elif s.train:
-                image = train_crop(img_bytes, s.image_size, rng, s.scale, s.fast_decode)
+                plan = device_crop_plan(img_bytes, rng, s.scale) if s.device_decode else None
+                if plan is None:
+                    image = train_crop(img_bytes, s.image_size, rng, s.scale, s.fast_decode)
             else:
                 image = eval_crop(img_bytes, s.image_size)
         except DecodeError as err:
             self._count("corrupt_image", f"{sample.get('__key__')}: {err}")
             return None
-        out = {"image": image, "key": sample["__key__"]}
+        if plan is not None:  # decoded on the device: the bytes and the box travel
+            out = {"jpeg": img_bytes, "jpeg_box": (*plan[0], *plan[1]), "key": sample["__key__"]}
+        else:
+            out = {"image": image, "key": sample["__key__"]}
         if views is not None:
             out["views"] = views  # (V, 3, S, S)
         if captions:
@@ -312,7 +326,9 @@ class _Reader:
     def collate(self, items: list[dict[str, Any]], pos: int, produced: int) -> dict[str, Any]:
         s = self.s
         batch: dict[str, Any] = {}
-        if "image" in items[0]:
+        if s.device_decode:  # encoded JPEGs + CPU-decoded rows (clipkit.data.device_decode)
+            batch.update(pack(items, s.image_size))
+        elif "image" in items[0]:
             batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S) uint8
         if s.views is not None:
             batch["views"] = torch.stack([it["views"] for it in items], dim=1)  # (V, B, 3, S, S)
