@@ -44,26 +44,20 @@ python bench/_open_clip_runner.py "$MODEL" -- --train-data "$SPEC" --dataset-typ
   --train-num-samples $((B * STEPS)) --epochs 1 --batch-size "$B" --workers $W --model "$OC_NAME" \
   --lr 5e-4 --wd 0.2 --warmup 10 --precision "$PREC_OC" --seed 0 --logs "$WORK/oc" --name oc \
   --log-every-n-steps 10 --save-frequency 0 --report-to "" > "$WORK/oc.log" 2>&1 || { tail -30 "$WORK/oc.log"; exit 1; }
-python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.name=$MODEL" \
-  train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
-  train.precision="$PREC_CK" train.output_dir="$WORK/ck" train.log_every=10 train.trackers=[] \
-  eval.zeroshot= > "$WORK/ck.log" 2>&1 || { tail -30 "$WORK/ck.log"; exit 1; }
+# One clipkit run: ck_run NAME [extra overrides...] -> $WORK/NAME (metrics) and $WORK/NAME.log.
+ck_run() {
+  local name=$1; shift
+  python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.name=$MODEL" \
+    train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
+    train.precision="$PREC_CK" train.output_dir="$WORK/$name" train.log_every=10 \
+    train.trackers=[] eval.zeroshot= "$@" > "$WORK/$name.log" 2>&1 \
+    || { tail -30 "$WORK/$name.log"; exit 1; }
+}
+ck_run ck
 # Issue 18: the same clipkit run with exact dynamic text length off (captions padded to 77).
-if [ "${FIXED_LENGTH_ROW:-1}" = 1 ]; then
-python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.name=$MODEL" \
-  train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
-  train.precision="$PREC_CK" train.output_dir="$WORK/ck_fixed" train.log_every=10 train.trackers=[] \
-  eval.zeroshot= model.dynamic_text_length=false > "$WORK/ck_fixed.log" 2>&1 \
-  || { tail -30 "$WORK/ck_fixed.log"; exit 1; }
-fi
+if [ "${FIXED_LENGTH_ROW:-1}" = 1 ]; then ck_run ck_fixed model.dynamic_text_length=false; fi
 # Issue 15: the same clipkit run with the JPEGs decoded on the GPU (data.decode=device).
-if [ "${DEVICE_DECODE_ROW:-1}" = 1 ]; then
-python scripts/train.py data.builtin= "data.train=$SPEC" data.workers=$W "model.name=$MODEL" \
-  train.batch_size="$B" train.max_steps="$STEPS" optim.warmup_steps=10 optim.grad_clip=0 \
-  train.precision="$PREC_CK" train.output_dir="$WORK/ck_dev" train.log_every=10 train.trackers=[] \
-  eval.zeroshot= data.decode=device > "$WORK/ck_dev.log" 2>&1 \
-  || { tail -30 "$WORK/ck_dev.log"; exit 1; }
-fi
+if [ "${DEVICE_DECODE_ROW:-1}" = 1 ]; then ck_run ck_dev data.decode=device; fi
 python - "$WORK" "$B" <<'PY'
 import json, re, statistics, sys
 work, B = sys.argv[1], int(sys.argv[2])
