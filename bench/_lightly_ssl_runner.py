@@ -78,10 +78,15 @@ class TarImages(torch.utils.data.Dataset):
 METHODS = ("simclr", "moco", "byol", "barlow_twins", "swav")
 
 
-def build(method: str, steps: int, swav_freeze: int = 0):
+def build(method: str, steps: int, swav_freeze: int = 0, moco_push: str = "each"):
     """``(transform, student modules, step function)`` of lightly's CIFAR-10 recipe.
 
     The step function takes the batch's list of views ``[(B, 3, 32, 32), ...]`` and the step.
+    ``moco_push``: ``each`` (lightly's benchmark: each of the two loss calls pushes its keys
+    into the memory bank, so the second direction's negatives hold the first direction's keys
+    of this step, each image's own same-view key among them) or ``once`` (both directions score
+    against the bank as it was before the step, and both key sets are pushed after, as the MoCo
+    authors' symmetrised CIFAR-10 demo and clipkit do): a diagnostic of the difference.
     """
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
@@ -93,6 +98,7 @@ def build(method: str, steps: int, swav_freeze: int = 0):
     )
     from lightly.transforms import MoCoV2Transform, SimCLRTransform
     from lightly.utils.scheduler import cosine_schedule
+    from torch.nn import functional as F
 
     backbone = resnet18_cifar()
     if method in ("byol", "barlow_twins", "swav"):
@@ -128,7 +134,18 @@ def build(method: str, steps: int, swav_freeze: int = 0):
         m = cosine_schedule(i, steps, 0.99, 1.0)
         update_momentum(backbone, backbone_m, m)
         update_momentum(head, head_m, m)
-        return 0.5 * (criterion(*pair(x0, x1)) + criterion(*pair(x1, x0)))
+        if moco_push == "each":
+            return 0.5 * (criterion(*pair(x0, x1)) + criterion(*pair(x1, x0)))
+        mb = criterion.memory_bank
+        bank, ptr = mb.bank.clone(), mb.bank_ptr.clone()
+        q0, k1 = pair(x0, x1)
+        first = criterion(q0, k1)  # pushes k1 ...
+        mb.bank.copy_(bank)  # ... undone: the second call sees the bank before the step
+        mb.bank_ptr.copy_(ptr)
+        second = criterion(*pair(x1, x0))  # pushes k0
+        with torch.no_grad():
+            mb._dequeue_and_enqueue(F.normalize(k1, dim=1))  # then k1, as one push
+        return 0.5 * (first + second)
 
     return transform, (backbone, head), moco_step
 
@@ -272,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--swav-freeze", type=int, default=0, help="SwAV: steps with frozen prototypes")
+    p.add_argument("--moco-push", choices=("each", "once"), default="each", help="see build()")
     common_args(p)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    transform, modules, step_fn = build(args.method, args.steps, args.swav_freeze)
+    transform, modules, step_fn = build(args.method, args.steps, args.swav_freeze, args.moco_push)
     data = TarImages(args.train, transform)
     return run_loop(args, data, modules, lambda views, _labels, i: step_fn(views, i))
 

@@ -220,6 +220,8 @@ def run_plain(method: str, args: argparse.Namespace, work: Path) -> dict:
     ]  # fmt: skip
     if side == "lightly":
         cmd += ["--method", method, "--swav-freeze", str(args.swav_freeze)]
+        if method == "moco":
+            cmd += ["--moco-push", getattr(args, "lightly_moco_push", "each")]
     wall = _run(cmd, f"{side} {method}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     t0 = time.perf_counter()
@@ -318,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn-train-per-class", type=int, default=1000, help="0: all 50,000")
     p.add_argument("--knn-test-per-class", type=int, default=0, help="0: all 10,000")
     p.add_argument("--no-lock", action="store_true", help="smoke runs: do not take the lock")
+    p.add_argument(
+        "--lightly-moco-push",
+        choices=("each", "once"),
+        default="each",
+        help="lightly's MoCo memory-bank pushes (see bench/_lightly_ssl_runner.py build())",
+    )
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in valid]
