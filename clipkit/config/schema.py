@@ -80,6 +80,11 @@ class LossConfig:
     siglip_init_bias: float = -10.0
     # MoCo-style FIFO of past keys used as extra negatives; 0 disables it.
     queue_size: int = 0
+    # MoCo v2's two loss directions and the queue: "step" (both against the queue as it was
+    # before the step, all keys pushed after: the MoCo authors' symmetrised demo) or
+    # "direction" (view-1 queries first, their keys pushed, then view-2 queries against that
+    # queue: lightly's CIFAR-10 benchmark, which calls its loss once per direction).
+    moco_push: str = "step"
     # SLIP (Mu et al. 2021): task=clip with ssl_weight > 0 adds ssl_weight x NT-Xent (SimCLR)
     # over two augmented views of each training image, through an MLP head on the image trunk
     # (SLIP: 1.0 and a fixed temperature 0.1). task=clip then reads ssl.head, ssl.proj_hidden,

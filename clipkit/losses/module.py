@@ -357,13 +357,19 @@ class MoCoLoss(ContrastiveLoss):
     """
 
     QUEUE_SEED = 0  # fixed: every rank draws the same initial queue
+    PUSH = ("step", "direction")
 
-    def __init__(self, temperature: float = 0.2, *, queue_size: int = 0, **kwargs) -> None:
+    def __init__(
+        self, temperature: float = 0.2, *, queue_size: int = 0, push: str = "step", **kwargs
+    ) -> None:
         if not temperature > 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if queue_size < 1:
             raise ValueError(f"loss.name=moco needs loss.queue_size >= 1, got {queue_size}")
+        if push not in self.PUSH:
+            raise ValueError(f"loss.moco_push={push!r}: expected one of {', '.join(self.PUSH)}")
         super().__init__(1.0 / temperature, queue_size=queue_size, **kwargs)
+        self.push = push
 
     @torch.no_grad()
     def _init_queue(self, like: torch.Tensor) -> None:
@@ -399,11 +405,32 @@ class MoCoLoss(ContrastiveLoss):
             self._init_queue(k)
         # A copy: the push below edits the buffer in place, and backward recomputes the tiles.
         negatives = self.queue.get().clone()  # (Q, D)
-        rows = moco_rows(q, k, negatives, s, self.chunk_size)  # (n,)
+
+        def gathered(keys: torch.Tensor) -> torch.Tensor:  # every rank's, rank order
+            if w == 1:
+                return keys
+            return all_gather_with_grad(keys, [n // 2 for n in sizes])[0]
+
+        if self.push == "step":
+            rows = moco_rows(q, k, negatives, s, self.chunk_size)  # (n,)
+            pushes = [unit(k.detach())]  # lightly and MoCo queue the normalised keys
+            if w > 1:
+                pushes = [all_gather_with_grad(pushes[0], sizes)[0]]
+        else:
+            # Rows interleave the directions (view-1 query, view-2 query of each image): the
+            # view-1 rows score against the queue, their keys (every rank's) are pushed, and
+            # the view-2 rows score against that queue, as two calls of lightly's loss do.
+            if q.shape[0] % 2 or any(n % 2 for n in sizes):
+                raise ValueError(f"loss.moco_push=direction needs (2n, D) rows, got {q.shape}")
+            first = gathered(unit(k[0::2].detach()))  # (N_global / 2, D)
+            r1 = moco_rows(q[0::2], k[0::2], negatives, s, self.chunk_size)  # (n / 2,)
+            r2 = moco_rows(q[1::2], k[1::2], self.queue.pushed(first), s, self.chunk_size)
+            rows = torch.stack([r1, r2], 1).flatten()  # (n,) interleaved back
+            pushes = [first, gathered(unit(k[1::2].detach()))]
         loss = rows.mean() if w == 1 else rows.sum() * (w / sum(sizes))
         if self.training:
-            keys = unit(k.detach())  # lightly and MoCo queue the normalised keys
-            self.queue.push(keys if w == 1 else all_gather_with_grad(keys, sizes)[0])
+            for keys in pushes:
+                self.queue.push(keys)
         return loss
 
 
@@ -439,7 +466,14 @@ LOSSES = {
     ),
     "nt_xent": lambda cfg: _temperature_loss(NTXentLoss, cfg),
     "moco_v3": lambda cfg: _temperature_loss(MoCoV3Loss, cfg),
-    "moco": lambda cfg: _temperature_loss(MoCoLoss, cfg),
+    "moco": lambda cfg: MoCoLoss(
+        cfg.temperature,
+        push=cfg.moco_push,
+        learnable=cfg.learnable_temperature,
+        max_logit_scale=cfg.max_logit_scale,
+        chunk_size=cfg.chunk_size,
+        queue_size=cfg.queue_size,
+    ),
     # No temperature to learn: clipkit/losses/noncontrastive.py.
     "barlow_twins": lambda cfg: BarlowTwinsLoss.from_config(cfg),
     "byol": lambda cfg: BYOLLoss.from_config(cfg),

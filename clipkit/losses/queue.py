@@ -37,12 +37,24 @@ class NegativeQueue(nn.Module):
             self.keys = keys.new_zeros(self.size, keys.shape[1])
         elif keys.shape[1] != self.keys.shape[1]:
             raise ValueError(f"queue holds dim {self.keys.shape[1]}, got keys {tuple(keys.shape)}")
+        self._write(self.keys, keys)
+        self.ptr.fill_((int(self.ptr) + keys.shape[0]) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + keys.shape[0]))
+
+    @torch.no_grad()
+    def pushed(self, keys: torch.Tensor) -> torch.Tensor:
+        """The filled rows as they would be after ``push(keys)``, in a copy (nothing pushed)."""
+        keys = keys.detach()[-self.size :]
+        out = self.keys.clone()  # (size, D)
+        self._write(out, keys)
+        return out[: min(self.size, int(self.filled) + keys.shape[0])]
+
+    def _write(self, buf: torch.Tensor, keys: torch.Tensor) -> None:
+        """Write ``keys`` into the ring ``buf`` from ``ptr``, wrapping at the end."""
         b, p = keys.shape[0], int(self.ptr)
         first = min(b, self.size - p)
-        self.keys[p : p + first] = keys[:first].to(self.keys.dtype)
-        self.keys[: b - first] = keys[first:].to(self.keys.dtype)
-        self.ptr.fill_((p + b) % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + b))
+        buf[p : p + first] = keys[:first].to(buf.dtype)
+        buf[: b - first] = keys[first:].to(buf.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The buffer's width is only known after the first push: adopt the checkpoint's shape.

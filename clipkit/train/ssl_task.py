@@ -297,8 +297,10 @@ class MoCoTask(_MomentumTask):
             q = torch.stack([model(x1, predict=True), model(x2, predict=True)], 1)  # (B, 2, P)
             k = torch.stack([k1, k2], 1)  # (B, 2, P)
             return Embeddings(q=self.watch(q.flatten(0, 1)), k=k.flatten(0, 1))  # (2B, P) each
-        q = torch.cat([model(x1), model(x2)])  # (2B, P) student queries
-        return Embeddings(q=self.watch(q), k=torch.cat([k2, k1]))  # keys: each view's pair
+        # Rows interleaved per image (view-1 query, view-2 query; keys: each one's pair), so
+        # micro-batches concatenate safely and loss.moco_push=direction finds its directions.
+        q = torch.stack([model(x1), model(x2)], 1).flatten(0, 1)  # (2B, P) student queries
+        return Embeddings(q=self.watch(q), k=torch.stack([k2, k1], 1).flatten(0, 1))
 
 
 class BYOLTask(_MomentumTask):

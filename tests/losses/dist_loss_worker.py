@@ -200,6 +200,56 @@ def run_moco_case(rank, world, own_scale: bool) -> dict[str, float]:
     return {name: max(errs), name + "_content": queue_err}
 
 
+def run_moco_direction_case(rank, world) -> float:
+    """loss.moco_push=direction, three steps (the 48-key queue wraps): every rank's loss,
+    gradients and queue equal one process holding the global batch (rows interleaved per
+    image: view-1 query, view-2 query; the second view's rows come from the hard-negative
+    inputs here, any second set of rows will do)."""
+    cfg = LossConfig(name="moco", temperature=0.2, queue_size=48, chunk_size=3,
+                     moco_push="direction")  # fmt: skip
+    start = sum(SIZES[:rank])
+    p, p_ref = _params(0), _params(0)
+    loss_fn, ref_fn = build_loss(cfg).double(), build_loss(cfg).double()
+
+    def pairs(params, x, rows):
+        q, k, hn = _embed(params, x, rows)
+        q2, k2 = hn[::H], F.normalize(hn[1::H] + k, dim=-1)  # (n, D) each
+        return torch.stack([q, q2], 1).flatten(0, 1), torch.stack([k, k2], 1).flatten(0, 1)
+
+    errs = []
+    for seed in (1, 2, 3):
+        x = _data(seed)
+        for t in (*p.values(), *p_ref.values()):
+            t.grad = None
+        q, k = pairs(p, x, torch.arange(start, start + SIZES[rank]))  # (2n, D)
+        local = loss_fn(q, k, logit_scale=p["log_s"].exp())
+        local.backward()
+        grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+        mean_loss = local.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+        # Reference: the pure rows on the global batch, its queue pushed by hand (the module
+        # itself would gather across the ranks here).
+        q, k = pairs(p_ref, x, torch.arange(N))
+        if seed == 1:
+            ref_fn._init_queue(k)
+        queue, s = ref_fn.queue, p_ref["log_s"].exp()
+        first = F.normalize(k[0::2].detach(), dim=-1)  # (N, D) view-1 rows' keys
+        r1 = moco_rows(q[0::2], k[0::2], queue.get().clone(), s, chunk_size=4)
+        r2 = moco_rows(q[1::2], k[1::2], queue.pushed(first), s, chunk_size=4)
+        ref = torch.cat([r1, r2]).mean()
+        queue.push(first)
+        queue.push(F.normalize(k[1::2].detach(), dim=-1))
+        ref.backward()
+        errs.append(_rel(mean_loss, ref.detach()))
+        errs += [_rel(grads[n], p_ref[n].grad) for n in grads]
+    errs.append((loss_fn.queue.keys - ref_fn.queue.keys).abs().max().item())
+    return max(errs)
+
+
 def run_moco_v3_case(rank, world) -> float:
     """MoCo v3: each rank holds its images' two views interleaved by row (as the task does)."""
     cfg = LossConfig(name="moco_v3", temperature=0.5, learnable_temperature=False, chunk_size=3)
@@ -298,6 +348,7 @@ def main(out: str) -> None:
     results.update(run_moco_case(rank, world, own_scale=False))
     results.update(run_moco_case(rank, world, own_scale=True))
     results["moco_v3"] = run_moco_v3_case(rank, world)
+    results["moco_direction"] = run_moco_direction_case(rank, world)
     results["slip"] = run_slip_case(rank, world, "infonce")
     results["slip_siglip"] = run_slip_case(rank, world, "siglip")
     gathered: list[dict[str, float]] = [{} for _ in range(world)]

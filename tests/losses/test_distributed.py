@@ -11,6 +11,7 @@ WORKER = Path(__file__).with_name("dist_loss_worker.py")
 SSL = {
     "nt_xent", "nt_xent_own_temperature", "moco_queue", "moco_queue_content",
     "moco_queue_own_temperature", "moco_queue_own_temperature_content", "moco_v3",
+    "moco_direction",
     "slip", "slip_siglip",
 }  # fmt: skip
 

@@ -85,6 +85,44 @@ def test_module_steps_and_queue_match_lightly():
         assert int(mine.queue.ptr) == int(ref.memory_bank.bank_ptr)
 
 
+def test_direction_push_matches_lightly_called_once_per_direction():
+    """loss.moco_push=direction, five steps = lightly's benchmark step, which calls its loss
+    twice, ``0.5 * (crit(q1, k2) + crit(q2, k1))``, each call pushing its keys: the second
+    call's negatives hold the first call's keys. Rows interleave the directions as the MoCo
+    task makes them (view-1 query, view-2 query of each image)."""
+    n, d, q_size, temperature = 6, 5, 48, 0.2
+    g = torch.Generator().manual_seed(3)
+    cfg = LossConfig(name="moco", temperature=temperature, queue_size=q_size, chunk_size=4,
+                     moco_push="direction")  # fmt: skip
+    mine = build_loss(cfg).double()
+    assert mine.push == "direction"
+    ref = None
+    scale = torch.tensor(1 / temperature, dtype=torch.float64)
+    for _ in range(5):  # wraps the ring (48 = 4 steps of 2 x 6)
+        q1, q2, k1, k2 = (_rows(n, d, g) for _ in range(4))
+        q = torch.stack([q1, q2], 1).flatten(0, 1)  # (2n, d) interleaved
+        k = torch.stack([k2, k1], 1).flatten(0, 1)
+        if ref is None:
+            mine._init_queue(k)
+            ref = _lightly_moco(temperature, mine.queue.get())
+        out = mine(q, k, logit_scale=scale)
+        r = 0.5 * (ref(q1, k2) + ref(q2, k1))
+        assert _rel(out, r) <= TOL
+        xs = (q1, q2, k1, k2)
+        for go, gr in zip(torch.autograd.grad(out, xs), torch.autograd.grad(r, xs), strict=True):
+            assert _rel(go, gr) <= TOL
+        assert torch.equal(mine.queue.get(), ref.memory_bank.bank)
+        assert int(mine.queue.ptr) == int(ref.memory_bank.bank_ptr)
+    # The default ("step") differs: both directions see the queue as it was before the step.
+    step = build_loss(LossConfig(name="moco", temperature=temperature, queue_size=q_size)).double()
+    step._init_queue(k)
+    before = step.queue.get().clone()
+    want = 0.5 * (moco_loss(q1, k2, before, temperature) + moco_loss(q2, k1, before, temperature))
+    assert _rel(step(q, k, logit_scale=scale), want) <= TOL
+    with pytest.raises(ValueError, match="loss.moco_push='both'"):
+        build_loss(LossConfig(name="moco", queue_size=8, moco_push="both"))
+
+
 def test_queue_starts_random_unit_the_same_everywhere_and_checkpoints():
     a = MoCoLoss(0.2, queue_size=8)
     b = MoCoLoss(0.2, queue_size=8)
