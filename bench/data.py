@@ -10,12 +10,13 @@ with 2 workers and with 0. Also prints the physical limits on this machine (raw 
 full-size JPEG decode per core) and the fraction of them clipkit reaches. Its last line reads
 ``speedup vs open_clip (2 workers): X.XXx``.
 
-``--baseline REV`` adds a row for clipkit at git revision REV (a throw-away worktree, measured in
-a subprocess per run, interleaved with the others) and a line ``clipkit vs clipkit@REV (W
-workers): X.XXx samples/s per core``. ``--profile`` first prints where a sample's CPU time goes
-in one loading process on one core (tar read, JPEG header, DCT-scaled decode, crop + resize,
-tokenisation, batch stacking; the rest of the loader as ``other``), as process CPU time, so
-other jobs on the machine inflate it less than wall time.
+``--baseline REV`` adds rows for clipkit at git revision REV (a throw-away worktree, measured in
+a subprocess per run, interleaved with the others) and the lines ``clipkit vs clipkit@REV (0
+workers, one core): X.XXx samples/s per core`` and ``(W workers): X.XXx``. ``--profile`` first
+prints where a sample's CPU time goes in one loading process on one core (tar read, JPEG
+header, DCT-scaled decode, crop + resize, tokenisation, batch stacking; the rest of the loader
+as ``other``), as process CPU time, so other jobs on the machine inflate it less than wall
+time.
 """
 
 from __future__ import annotations
@@ -346,6 +347,7 @@ def main() -> int:
     }
     if base_tree is not None:
         runs[("clipkit@" + args.baseline, W)] = None
+        runs[("clipkit@" + args.baseline, 0)] = None
     dev_row = "clipkit, data.decode=device"
     if args.device_decode:
         runs[(dev_row, W)] = lambda: clipkit_iter(spec, W, tok, decode="device")
@@ -386,8 +388,11 @@ def main() -> int:
         ratio = med[(dev_row, W)] / med[("clipkit", W)]
         print(f"decode on device / in workers ({W} workers): {ratio:.2f}x")
     if base_tree is not None:
-        ratio = med[("clipkit", W)] / med[("clipkit@" + args.baseline, W)]
-        print(f"clipkit vs clipkit@{args.baseline} ({W} workers): {ratio:.2f}x samples/s per core")
+        base = "clipkit@" + args.baseline
+        ratio0 = med[("clipkit", 0)] / med[(base, 0)]
+        print(f"clipkit vs {base} (0 workers, one core): {ratio0:.2f}x samples/s per core")
+        ratio = med[("clipkit", W)] / med[(base, W)]
+        print(f"clipkit vs {base} ({W} workers): {ratio:.2f}x samples/s per core")
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)])
     print(f"speedup vs open_clip ({W} workers): {med[('clipkit', W)] / med[('open_clip', W)]:.2f}x")
     return 0
