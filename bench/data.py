@@ -156,7 +156,9 @@ def baseline_rate(tree: Path, spec: str, workers: int, batches: int) -> float:
     """clipkit at another revision (checked out in ``tree``): one measurement in a subprocess."""
     code = (
         "import sys, open_clip, torch; sys.argv = ['x']; torch.set_num_threads(1)\n"
-        f"sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        # The tree's own bench/data.py: it puts its tree first on sys.path (this file would
+        # put this checkout first, and the "baseline" would measure today's clipkit).
+        f"sys.path.insert(0, {str(tree / 'bench')!r})\n"
         "import data as d\n"
         "tok = open_clip.get_tokenizer('ViT-B-32')\n"
         f"print(d.measure(lambda: d.clipkit_iter({spec!r}, {workers}, tok), {batches}))\n"
