@@ -434,14 +434,18 @@ class MoCoLoss(ContrastiveLoss):
         return loss
 
 
-def _temperature_loss(cls: type[ContrastiveLoss], cfg: LossConfig) -> ContrastiveLoss:
-    """The self-supervised losses take the same settings: a temperature and the shared ones."""
+def _temperature_loss(
+    cls: type[ContrastiveLoss], cfg: LossConfig, **extra: object
+) -> ContrastiveLoss:
+    """The self-supervised losses take the same settings: a temperature and the shared ones
+    (plus ``extra``, a loss's own)."""
     return cls(
         cfg.temperature,
         learnable=cfg.learnable_temperature,
         max_logit_scale=cfg.max_logit_scale,
         chunk_size=cfg.chunk_size,
         queue_size=cfg.queue_size,
+        **extra,
     )
 
 
@@ -466,14 +470,7 @@ LOSSES = {
     ),
     "nt_xent": lambda cfg: _temperature_loss(NTXentLoss, cfg),
     "moco_v3": lambda cfg: _temperature_loss(MoCoV3Loss, cfg),
-    "moco": lambda cfg: MoCoLoss(
-        cfg.temperature,
-        push=cfg.moco_push,
-        learnable=cfg.learnable_temperature,
-        max_logit_scale=cfg.max_logit_scale,
-        chunk_size=cfg.chunk_size,
-        queue_size=cfg.queue_size,
-    ),
+    "moco": lambda cfg: _temperature_loss(MoCoLoss, cfg, push=cfg.moco_push),
     # No temperature to learn: clipkit/losses/noncontrastive.py.
     "barlow_twins": lambda cfg: BarlowTwinsLoss.from_config(cfg),
     "byol": lambda cfg: BYOLLoss.from_config(cfg),
