@@ -46,6 +46,22 @@ def _data(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _ddp_grads(p: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    """Copies of ``p``'s gradients averaged over the ranks: what DDP does to a model's."""
+    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= world
+    return grads
+
+
+def _rank_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of ``x`` over the ranks (a detached copy)."""
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world
+
+
 def _embed(p, x, rows):
     q = F.normalize(x["xq"][rows] @ p["wq"], dim=-1)  # (n, D)
     k = F.normalize(x["xk"][rows] @ p["wk"], dim=-1)  # (n, D)
@@ -107,14 +123,9 @@ def run_case(name, rank, world) -> float:
         kw["logit_bias"] = p["bias"] if cfg.name == "siglip" else None
     local = loss_fn(q, k, **kw)
     local.backward()
-    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
+    grads = _ddp_grads(p, world)
     own = {n: t.grad.clone() for n, t in loss_fn.named_parameters() if t.grad is not None}
-    for g in grads.values():  # what DDP does to the model's parameters
-        dist.all_reduce(g)
-        g /= world
-    mean_loss = local.detach().clone()
-    dist.all_reduce(mean_loss)
-    mean_loss /= world
+    mean_loss = _rank_mean(local, world)
     # Reference: one process, the global batch, the pure function.
     p_ref, ref_fn = _params(0), build_loss(cfg).double()
     q, k, hn = _embed(p_ref, x, torch.arange(N))
@@ -146,10 +157,7 @@ def run_queue_case(rank, world) -> float:
         q, k, _ = _embed(p, x, rows)
         local = loss_fn(q, k, logit_scale=p["log_s"].exp())
         local.backward()
-    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
-    for g in grads.values():
-        dist.all_reduce(g)
-        g /= world
+    grads = _ddp_grads(p, world)
     p_ref = _params(0)
     with torch.no_grad():
         _, k1, _ = _embed(p_ref, x1, torch.arange(N))
@@ -174,13 +182,8 @@ def run_moco_case(rank, world, own_scale: bool) -> dict[str, float]:
         q, k, _ = _embed(p, x, rows)  # k carries a gradient: the loss must not assume otherwise
         local = loss_fn(q, k) if own_scale else loss_fn(q, k, logit_scale=p["log_s"].exp())
         local.backward()
-        grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= world
-        mean_loss = local.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= world
+        grads = _ddp_grads(p, world)
+        mean_loss = _rank_mean(local, world)
         # Reference: the pure rows on the global batch; its queue pushed by hand.
         q, k, _ = _embed(p_ref, x, torch.arange(N))
         if step == 0:
@@ -224,13 +227,8 @@ def run_moco_direction_case(rank, world) -> float:
         q, k = pairs(p, x, torch.arange(start, start + SIZES[rank]))  # (2n, D)
         local = loss_fn(q, k, logit_scale=p["log_s"].exp())
         local.backward()
-        grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= world
-        mean_loss = local.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= world
+        grads = _ddp_grads(p, world)
+        mean_loss = _rank_mean(local, world)
         # Reference: the pure rows on the global batch, its queue pushed by hand (the module
         # itself would gather across the ranks here).
         q, k = pairs(p_ref, x, torch.arange(N))
@@ -273,13 +271,8 @@ def run_moco_v3_case(rank, world) -> float:
         logit_scale=scale,
     )
     local.backward()
-    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
-    for g in grads.values():  # what DDP does to the model's parameters
-        dist.all_reduce(g)
-        g /= world
-    mean_loss = local.detach().clone()
-    dist.all_reduce(mean_loss)
-    mean_loss /= world
+    grads = _ddp_grads(p, world)
+    mean_loss = _rank_mean(local, world)
     p_ref = _params(0)
     ref = moco_v3_loss(*views(p_ref, torch.arange(N)), 0.5, chunk_size=4)
     ref.backward()
@@ -318,13 +311,8 @@ def run_slip_case(rank, world, clip_name: str) -> float:
         extra=dict(zip(VIEW_KEYS, views(p, rows))),
     )
     local.backward()
-    grads = {n: t.grad.clone() for n, t in p.items() if t.grad is not None}
-    for g in grads.values():  # what DDP does to the model's parameters
-        dist.all_reduce(g)
-        g /= world
-    mean_loss = local.detach().clone()
-    dist.all_reduce(mean_loss)
-    mean_loss /= world
+    grads = _ddp_grads(p, world)
+    mean_loss = _rank_mean(local, world)
     p_ref = _params(0)
     q, k, _ = _embed(p_ref, x, torch.arange(N))
     s = p_ref["log_s"].exp()
