@@ -7,7 +7,7 @@ libjpeg-turbo (``simplejpeg``) for the smallest DCT scale (n/8) whose decoded cr
 covers ``S x S``, and resizes the crop with torch's antialiased bicubic on the uint8 array itself
 (a strided view of the decoded ``(h, w, 3)`` array: no PIL image, no crop copy). That kernel is
 PIL's algorithm vectorised for uint8: 0.06 mean absolute difference from PIL's bicubic on 200
-decoded crops (2e-5 of values off by more than 2) at about 1/4 of its time, which was a third of
+decoded crops (2e-5 of values off by more than 2) at about 1/4 of its time; PIL's was 44% of
 a sample's cost (bench/README.md's loader profile). The full-size decode + resize is the bulk of
 open_clip's per-sample cost (see ANCHORS.md); the DCT-scaled decode skips most of the IDCT and
 colour conversion work. ``fast=False`` is open_clip's path instead: full PIL decode and PIL's
