@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,21 @@ def _few_threads():
     torch.set_num_threads(prev)
 
 
+def launch_report(stderr: str, tail: int = 1500) -> str:
+    """What a failed ``torch.distributed.run`` launch said, each rank's own error first.
+
+    The launcher's stderr ends with the surviving ranks' secondary errors ("Connection closed
+    by peer") and its own traceback, so the tail alone hides the rank that failed first.
+    """
+    ranks: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        m = re.match(r"\[(rank\d+)\]:", line)
+        if m:
+            ranks.setdefault(m.group(1), []).append(line)
+    parts = ["\n".join(lines[-12:]) for _, lines in sorted(ranks.items())]
+    return "\n---\n".join([*parts, stderr[-tail:]])
+
+
 def _free_port() -> int:
     """A port nobody listens on now: fixed ports collide when test runs overlap on one host."""
     with socket.socket() as s:
@@ -55,8 +71,8 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
     """Run ``script *args`` under ``torch.distributed.run`` with ``nproc`` local CPU processes.
 
     One thread per process (2 cores, N processes), a free rendezvous port on 127.0.0.1, extra
-    ``env`` on top of this process's environment. Fails the test with the tail of stderr when the
-    launch exits non-zero.
+    ``env`` on top of this process's environment. Fails the test with each rank's error and
+    the tail of stderr when the launch exits non-zero.
     """
 
     def run(
@@ -77,7 +93,7 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
         res = subprocess.run(
             cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
         )
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, launch_report(res.stderr)
         return res
 
     return run

@@ -13,7 +13,6 @@ averages their gradients itself, as DDP would.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import _free_port, launch_report
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
@@ -33,14 +34,8 @@ def fsdp_run(tmp_path_factory) -> tuple[Path, dict]:
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_report(res.stderr)
     return out, torch.load(out / "params.pt")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,14 +15,9 @@ from pathlib import Path
 import pytest
 
 from clipkit.data.digits import prepare_digits
+from tests.conftest import _free_port, launch_report
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_nodes(args: list[str], tmp_path: Path, tag: str) -> list[subprocess.CompletedProcess]:
@@ -51,7 +45,7 @@ def _two_nodes(args: list[str], tmp_path: Path, tag: str) -> list[subprocess.Com
         out.close()
         err.close()
     for res in done:
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, launch_report(res.stderr)
     return done
 
 
@@ -153,7 +147,7 @@ def test_sbatch_example_runs_and_a_resubmission_resumes(tmp_path):
             cwd=REPO,
             timeout=300,
         )
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, launch_report(res.stderr)
         outs.append(res.stdout)
     assert "2 process(es)" in outs[0] and "1 process(es)" in outs[1]
     assert f"resumed from {run / 'checkpoints' / 'step_0000002'} at step 2" in outs[1]
