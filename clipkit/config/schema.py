@@ -154,6 +154,9 @@ class TrainConfig:
     # Seconds a collective waits for a hung process before the run stops naming it (0: torch's
     # 1800); a process that dies is noticed at once (clipkit/train/fault.py).
     collective_timeout_s: int = 600
+    # glibc: freed CPU memory stays in the process during training (no mmap, no trim), so steps
+    # reuse their pages instead of faulting them in again (clipkit/train/allocator.py).
+    keep_freed_memory: bool = True
 
 
 @dataclass

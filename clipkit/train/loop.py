@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from clipkit.config.loader import to_yaml
 from clipkit.config.schema import Config
 from clipkit.losses import build_loss
+from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import (
     load_checkpoint,
     resolve_resume,
@@ -65,7 +66,8 @@ def train(cfg: Config) -> dict[str, Any]:
             and the checkpoint to resume from; :mod:`clipkit.train.fault`).
         NonFiniteLossError: too many consecutive non-finite losses.
     """
-    with rank_failure_guard(Path(cfg.train.output_dir).expanduser().resolve()):
+    run_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    with rank_failure_guard(run_dir), keep_freed_memory(cfg.train.keep_freed_memory):
         return _train(cfg)
 
 
