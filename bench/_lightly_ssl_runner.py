@@ -158,7 +158,8 @@ def _build_no_negatives(method: str, backbone: nn.Module, steps: int, swav_freez
     from lightly.utils.scheduler import cosine_schedule
 
     # BYOL's asymmetric views (blur p 1.0 / 0.1, solarisation p 0 / 0.2, jitter 0.4/0.4/0.2/0.1),
-    # what clipkit's byol recipe draws; Barlow Twins uses them too (configs/barlow_twins_cifar10).
+    # what clipkit's byol recipe draws with ssl.blur_kernel=0 (PIL's radius blur, sigma in px;
+    # the recipe's own kernel is 10% of the side); Barlow Twins uses them too.
     byol_views = BYOLTransform(BYOLView1Transform(input_size=32), BYOLView2Transform(input_size=32))
     if method == "byol":
         from lightly.loss import NegativeCosineSimilarity
@@ -199,7 +200,8 @@ def _build_no_negatives(method: str, backbone: nn.Module, steps: int, swav_freez
     from lightly.transforms import SwaVTransform
 
     # 2 crops at 32 px, scale 0.14-1, colour distortion s 1.0 (0.8/0.8/0.8/0.2) p 0.8, gray
-    # 0.2, blur p 0.5: clipkit's swav recipe (lightly's benchmark file turns the blur off).
+    # 0.2, blur p 0.5 (PIL radius): clipkit's swav recipe with ssl.blur_kernel=0 (lightly's
+    # benchmark file turns the blur off).
     transform = SwaVTransform(
         crop_sizes=(32,), crop_counts=(2,), crop_min_scales=(0.14,), crop_max_scales=(1.0,)
     )

@@ -20,7 +20,9 @@ Sides:
 
 * clipkit: the real trainer, ``scripts/train.py --config configs/<method>_cifar10.yaml`` with
   dotted overrides for the batch, steps, learning rate, logging, SwAV's freeze and the
-  in-training kNN (``eval.every`` = ``--knn-every``, the memory bank and test cut below).
+  in-training kNN (``eval.every`` = ``--knn-every``, the memory bank and test cut below); for
+  BYOL, Barlow Twins and SwAV also ``ssl.blur_kernel=0``: lightly's transforms blur with PIL's
+  radius (sigma 0.1-2 px), the shipped recipes with the papers' kernel of 10% of the side.
 * lightly: ``bench/_lightly_ssl_runner.py``, a plain PyTorch loop with lightly's transforms,
   heads, losses and momentum utilities over a torch DataLoader on the same tar; it saves its
   backbone at the same steps, evaluated afterwards.
@@ -184,6 +186,10 @@ def run_clipkit(method: str, args: argparse.Namespace, work: Path) -> dict:
     ]  # fmt: skip
     if method == "swav":
         cmd.append(f"ssl.freeze_prototypes_steps={args.swav_freeze}")
+    if method in ("byol", "barlow_twins", "swav"):
+        # lightly's BYOL and SwAV transforms blur with PIL's radius (sigma 0.1-2 px), not the
+        # papers' kernel of 10% of the side (3 px at 32 px): the same views need the same blur.
+        cmd.append("ssl.blur_kernel=0")
     wall = _run(cmd, f"clipkit {method}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/samples_per_s" in r]

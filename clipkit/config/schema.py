@@ -218,6 +218,10 @@ class SSLConfig:
     # Views per image (>= 2) and their augmentations (clipkit.data.views); "" = the task's.
     views: int = 2
     recipe: str = ""
+    # Gaussian blur of the recipe's views: -1 = the recipe's own; 0 = PIL's radius blur (sigma
+    # in pixels, as lightly's transforms and MoCo's code blur); > 0 = a kernel of that fraction
+    # of the view side (the papers' 10%: 3 px at 32 px, much weaker than sigma 2 px in PIL).
+    blur_kernel: float = -1.0
     # MoCo: 2 = v2 (queue, one direction), 3 = v3 (predictor, symmetric, no queue).
     moco_version: int = 2
     # Momentum teacher: cosine schedule from momentum to momentum_final (equal: constant).

@@ -29,7 +29,7 @@ Evaluation is the weighted kNN of :mod:`clipkit.eval` on backbone features (``ev
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from clipkit.config.schema import Config
 from clipkit.losses.queue import SwAVQueue
 from clipkit.models.ssl import SSLModel
 from clipkit.train.task import Embeddings, Task, TrainData
+
+if TYPE_CHECKING:
+    from clipkit.data.views import ViewRecipe
 
 # task -> (default head, default view recipe, loss names it trains with)
 DEFAULTS = {
@@ -71,6 +74,22 @@ class _ImageSSLTask(Task):
     def recipe(self, cfg: Config) -> str:
         return cfg.ssl.recipe or DEFAULTS[self.variant(cfg)][1]
 
+    def view_recipes(self, cfg: Config) -> tuple[ViewRecipe, ...]:
+        """The recipe's views, their blur per ``ssl.blur_kernel`` (-1: the recipe's own)."""
+        from dataclasses import replace
+
+        from clipkit.data.views import RECIPES
+
+        name = self.recipe(cfg)
+        if name not in RECIPES:
+            raise ValueError(f"ssl.recipe={name!r}; valid: {', '.join(sorted(RECIPES))}")
+        k = cfg.ssl.blur_kernel
+        if k == -1:
+            return RECIPES[name]
+        if k < 0:
+            raise ValueError(f"ssl.blur_kernel={k}: -1 (the recipe's), 0 (PIL radius) or > 0")
+        return tuple(replace(r, blur_kernel=k) for r in RECIPES[name])
+
     def build_model(self, cfg: Config) -> nn.Module:
         """An :class:`SSLModel` per ``ssl.*``."""
         from clipkit.data import DeviceNormalize
@@ -98,6 +117,7 @@ class _ImageSSLTask(Task):
         """Views, loss and kNN sets fit the task (one line each, before any step)."""
         if cfg.ssl.views < 2:
             raise ValueError(f"ssl.views={cfg.ssl.views}: {self.name} needs at least 2 views")
+        self.view_recipes(cfg)  # an unknown recipe or a bad ssl.blur_kernel fails now
         # Only SwAV uses more than two views; elsewhere they would be decoded and dropped.
         if self.name != "swav" and (cfg.ssl.views > 2 or cfg.ssl.small_views):
             raise ValueError(
@@ -140,8 +160,9 @@ class _ImageSSLTask(Task):
             rank=rank,
             world_size=world_size,
             views=ViewSpec(
-                self.recipe(cfg),
+                self.view_recipes(cfg),
                 cfg.ssl.views,
+                name=self.recipe(cfg),
                 small_views=cfg.ssl.small_views,
                 small_size=cfg.ssl.small_size,
                 small_scale=(cfg.ssl.small_scale[0], cfg.ssl.small_scale[1]),

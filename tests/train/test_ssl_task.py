@@ -144,6 +144,8 @@ def test_sigkill_mid_epoch_then_resume_is_exact(task, cifar, tmp_path):
         ("loss.name=infonce", "loss.name=infonce: task=simclr trains with nt_xent"),
         ("loss.queue_size=100", "queue_size=100"),  # not a multiple of the 32 keys per step
         ("ssl.views=3", "task=simclr trains on 2 views"),  # never decoded and dropped
+        ("ssl.blur_kernel=-2", "ssl.blur_kernel=-2.0: -1 (the recipe's), 0 (PIL radius)"),
+        ("ssl.recipe=byl", "ssl.recipe='byl'; valid: byol,"),
     ],
 )
 def test_bad_ssl_settings_are_one_line(override, needle, cifar, tmp_path, capsys):
@@ -151,6 +153,18 @@ def test_bad_ssl_settings_are_one_line(override, needle, cifar, tmp_path, capsys
     assert main(_args(task, cifar, tmp_path / "bad", "train.max_steps=1", override)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_blur_kernel_overrides_every_view_of_the_recipe():
+    from clipkit.config import load_config
+    from clipkit.data.views import RECIPES
+    from clipkit.train.ssl_task import BYOLTask
+
+    own = load_config(None, ["task=byol"])
+    assert BYOLTask().view_recipes(own) == RECIPES["byol"]  # -1: the recipe's (10% kernel)
+    pil = BYOLTask().view_recipes(load_config(None, ["task=byol", "ssl.blur_kernel=0"]))
+    assert [r.blur_kernel for r in pil] == [0.0, 0.0]  # both views: PIL's radius blur
+    assert [r.blur_p for r in pil] == [r.blur_p for r in RECIPES["byol"]]  # nothing else moves
 
 
 def test_knn_sets_with_different_classes_fail_at_start(cifar, tmp_path, data_root, capsys):
