@@ -14,10 +14,15 @@ Both sides train the same ResNet-18 (CIFAR stem) on the same batch of CIFAR-10 v
   ``bench/_lightly_ssl_runner.py``), SGD with the same settings. Wall time per phase, median
   over the steps.
 
+``--processes`` runs each side alone in a fresh process, with glibc's allocator defaults and with
+freed memory kept (:mod:`clipkit.train.allocator`), and adds the page faults per step.
+
 Run under the team's benchmark lock::
 
     flock /tmp/clipkit-bench.lock python bench/ssl_step_profile.py --methods simclr,moco \
-        --batch 128 --steps 6 | tee bench/results/cpu_ssl_step_profile.log
+        --batch 128 --steps 6    # bench/results/cpu_ssl_step_profile_same_process.log
+    flock /tmp/clipkit-bench.lock python bench/ssl_step_profile.py --methods simclr,moco \
+        --batch 128 --steps 4 --images 200 --processes    # bench/results/cpu_ssl_step_profile.log
 """
 
 from __future__ import annotations
@@ -35,13 +40,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 DATA = REPO.parent / "shared" / "data"
-RECIPE = {"simclr": "simclr", "moco": "moco_v2", "byol": "byol", "barlow_twins": "byol"}
+
+
+def clipkit_views(method: str):
+    """``view_fn(bytes, key) -> uint8 (2, 3, 32, 32)``: the views of ``method``'s recipe."""
+    from clipkit.data.views import make_views, view_spec
+    from clipkit.train.ssl_task import DEFAULTS
+
+    spec = view_spec(DEFAULTS[method][1])
+    return lambda data, key: make_views(data, 32, spec, seed=0, epoch=0, key=key)
 
 
 def clipkit_side(method: str, batch: int, steps: int):
     """``(step_fn(views_uint8) -> {phase: seconds}, view_fn(bytes, key) -> views)``."""
     from clipkit.config import load_config
-    from clipkit.data.views import make_views, view_spec
     from clipkit.losses import build_loss
     from clipkit.train.optim import build_optimizer
     from clipkit.train.task import get_task
@@ -72,12 +84,7 @@ def clipkit_side(method: str, batch: int, steps: int):
         t3 = time.perf_counter()
         return {"forward+loss": t1 - t0, "backward": t2 - t1, "optimiser+after": t3 - t2}
 
-    spec = view_spec(RECIPE[method])
-
-    def views(data: bytes, key: str) -> torch.Tensor:
-        return make_views(data, 32, spec, seed=0, epoch=0, key=key)  # (2, 3, 32, 32) uint8
-
-    return step, views
+    return step, clipkit_views(method)
 
 
 def lightly_side(method: str, batch: int, steps: int):
@@ -161,30 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         print("views CPU per image: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
 
         # Steps: the same uint8 views for both sides, alternating, first step a warm-up.
-        from clipkit.data.views import make_views, view_spec
         from clipkit.train.allocator import keep_freed_memory
 
-        spec = view_spec(RECIPE[method])
-        v = torch.stack(
-            [make_views(d, 32, spec, seed=0, epoch=0, key=k) for d, k in blobs[: args.batch]], 1
-        )  # (2, B, 3, S, S) uint8
+        view_fn = clipkit_views(method)
+        v = torch.stack([view_fn(d, k) for d, k in blobs[: args.batch]], 1)  # (2, B, 3, S, S)
         times: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
-        memory = keep_freed_memory(args.keep_freed_memory)
-        print(f"  keep freed memory: {memory.__enter__()}")
-        for i in range(args.steps + 1):
-            order = list(sides) if i % 2 == 0 else list(sides)[::-1]
-            for name in order:
-                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t = sides[name][0](v)
-                # Pages the step touched for the first time (the allocator went back to the OS).
-                t["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-                if i:
-                    times[name].append(t)
+        with keep_freed_memory(args.keep_freed_memory) as tuned:
+            print(f"  keep freed memory: {tuned}")
+            for i in range(args.steps + 1):
+                order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+                for name in order:
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    t = sides[name][0](v)
+                    # Pages the step touched for the first time (the allocator went back to the OS).
+                    t["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+                    if i:
+                        times[name].append(t)
         med = {
             name: {ph: statistics.median(t[ph] for t in rows) for ph in rows[0]}
             for name, rows in times.items()
         }
-        memory.__exit__(None, None, None)
         faults = {n: med[n].pop("page_faults") for n in med}
         for ph in med[names[0]]:
             row = "  ".join(f"{n} {med[n][ph] * 1e3:8.1f} ms" for n in names)

@@ -52,7 +52,9 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
 
     Every allocation comes from the heap (``M_MMAP_MAX`` 0) and its free top is never trimmed
     (``M_TRIM_THRESHOLD`` at its maximum); processes forked inside (loader workers) inherit
-    it. On exit glibc's defaults come back and the free heap is returned (``malloc_trim``).
+    it. On exit glibc's default values come back and the free heap is returned
+    (``malloc_trim``); glibc's dynamic mmap threshold stays off for the rest of the process (any
+    ``mallopt`` call turns it off, and nothing turns it back on).
 
     Args:
         enabled: False: a no-op context (``train.keep_freed_memory=false``).

@@ -65,8 +65,24 @@ def test_disabled_is_a_no_op():
         assert tuned is False
 
 
-def test_the_trainer_default_and_switch(tmp_path):
-    from clipkit.config import load_config
+def test_the_trainer_default_and_switch(tmp_path, monkeypatch):
+    import contextlib
 
-    assert load_config().train.keep_freed_memory is True
-    assert load_config(None, ["train.keep_freed_memory=false"]).train.keep_freed_memory is False
+    from clipkit.config import load_config
+    from clipkit.train import loop
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(enabled: bool = True):
+        seen.append(enabled)
+        yield enabled
+
+    monkeypatch.setattr(loop, "keep_freed_memory", record)
+    # train() enters the context before anything else: a setup error still passes through it.
+    for extra, want in (([], True), (["train.keep_freed_memory=false"], False)):
+        cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.precision=fp8", *extra])
+        assert cfg.train.keep_freed_memory is want
+        with pytest.raises(ValueError, match="train.precision='fp8'"):
+            loop.train(cfg)
+    assert seen == [True, False]
