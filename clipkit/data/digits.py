@@ -66,17 +66,34 @@ def prepare_digits(
     Layout (img2dataset-compatible): ``<cache>/digits/{train,test}/NNNNN.tar`` holding
     ``key.png``, ``key.txt`` (caption), ``key.cls`` (label) and ``key.json``; plus ``sizes.json``.
     The split is stratified and fixed by ``seed``. A completed build is marked by ``_done`` and
-    reused; a partial one is rebuilt.
+    reused; a partial one is rebuilt. Safe to call from every process of a run at once: the
+    first to take ``<cache>/digits/.lock`` builds, the others wait and reuse its build (without
+    the lock, one rank's rebuild deleted the shards another rank was about to read).
     """
-    import webdataset as wds
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from filelock import FileLock
 
     root = Path(cache_dir).expanduser() / "digits"
     dirs = {"train": root / "train", "test": root / "test"}
     done = root / "_done"
     if done.is_file() and done.read_text().strip() == VERSION:
         return dirs
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        if not (done.is_file() and done.read_text().strip() == VERSION):
+            _build(dirs, done, test_fraction=test_fraction, seed=seed, per_shard=per_shard)
+    return dirs
+
+
+def _build(
+    dirs: dict[str, Path], done: Path, *, test_fraction: float, seed: int, per_shard: int
+) -> None:
+    """Write both splits' shards and ``sizes.json``, then the ``_done`` marker (caller holds the
+    lock)."""
+    import webdataset as wds
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    done.unlink(missing_ok=True)
     digits = load_digits()
     images, labels = digits.images, digits.target.astype(int)
     idx = np.arange(len(labels))
@@ -106,7 +123,6 @@ def prepare_digits(
             sizes[name] = len(chunk)
         (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
     done.write_text(VERSION + "\n")
-    return dirs
 
 
 def shard_spec(split_dir: Path) -> str:

@@ -59,3 +59,33 @@ def test_cache_is_reused(tmp_path):
     stamp = (dirs["train"] / "00000.tar").stat().st_mtime_ns
     prepare_digits(tmp_path)
     assert (dirs["train"] / "00000.tar").stat().st_mtime_ns == stamp
+
+
+def test_a_build_in_progress_is_waited_for_not_repeated(tmp_path):
+    """Every rank of a first run calls prepare_digits at once: a caller that finds another's
+    build under way waits for its lock and then reuses the build (before the lock, a late rank
+    rebuilt the shards and deleted them under a rank that had already listed them)."""
+    import threading
+
+    from filelock import FileLock
+
+    root = tmp_path / "digits"
+    root.mkdir()
+    result: dict[str, object] = {}
+    with FileLock(str(root / ".lock")):  # another process's build, holding the lock
+        t = threading.Thread(target=lambda: result.update(dirs=prepare_digits(tmp_path)))
+        t.start()
+        t.join(timeout=3.0)
+        assert t.is_alive() and not (root / "_done").exists()  # waiting, not building
+        # The holder finishes its build: the waiter must reuse it, not write again.
+        built = prepare_digits(tmp_path / "elsewhere")
+        for split in ("train", "test"):
+            (root / split).mkdir()
+            for f in (built[split]).iterdir():
+                (root / split / f.name).write_bytes(f.read_bytes())
+        (root / "_done").write_bytes((tmp_path / "elsewhere" / "digits" / "_done").read_bytes())
+        stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")}
+    t.join(timeout=120)
+    assert not t.is_alive() and result["dirs"] == {"train": root / "train", "test": root / "test"}
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")} == stamps  # not rewritten
+    assert len(_read(root / "train")) + len(_read(root / "test")) == 1797
