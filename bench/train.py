@@ -122,6 +122,9 @@ OFF = ["model.dynamic_text_length=false", "model.frozen_text_cache=0"]
 ROWS = {
     "clipkit": [],
     "clipkit-fixed": ["model.dynamic_text_length=false"],
+    # glibc's allocator defaults (freed memory returned to the kernel): what the
+    # train.keep_freed_memory switch buys on this trainer
+    "clipkit-glibc": ["train.keep_freed_memory=false"],
     "lit": LIT,
     "lit-before": LIT + OFF,
 }
@@ -248,7 +251,8 @@ def main() -> int:
                 f"{zs['acc1']:>8.4f} {zs['acc5']:>8.4f}",
                 flush=True,
             )
-    pairs = [("clipkit", "open_clip"), ("clipkit", "clipkit-fixed"), ("lit", "lit-before")]
+    pairs = [("clipkit", "open_clip"), ("clipkit", "clipkit-fixed"), ("clipkit", "clipkit-glibc")]
+    pairs.append(("lit", "lit-before"))
     for a, b in pairs:
         if a in results and b in results:
             print(
