@@ -251,8 +251,12 @@ def main() -> int:
                 f"{zs['acc1']:>8.4f} {zs['acc5']:>8.4f}",
                 flush=True,
             )
-    pairs = [("clipkit", "open_clip"), ("clipkit", "clipkit-fixed"), ("clipkit", "clipkit-glibc")]
-    pairs.append(("lit", "lit-before"))
+    pairs = [
+        ("clipkit", "open_clip"),
+        ("clipkit", "clipkit-fixed"),
+        ("clipkit", "clipkit-glibc"),
+        ("lit", "lit-before"),
+    ]
     for a, b in pairs:
         if a in results and b in results:
             print(

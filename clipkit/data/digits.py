@@ -75,11 +75,15 @@ def prepare_digits(
     root = Path(cache_dir).expanduser() / "digits"
     dirs = {"train": root / "train", "test": root / "test"}
     done = root / "_done"
-    if done.is_file() and done.read_text().strip() == VERSION:
+
+    def built() -> bool:
+        return done.is_file() and done.read_text().strip() == VERSION
+
+    if built():
         return dirs
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):
-        if not (done.is_file() and done.read_text().strip() == VERSION):
+        if not built():  # re-checked: another process may have built it while this one waited
             _build(dirs, done, test_fraction=test_fraction, seed=seed, per_shard=per_shard)
     return dirs
 

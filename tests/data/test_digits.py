@@ -65,6 +65,7 @@ def test_a_build_in_progress_is_waited_for_not_repeated(tmp_path):
     """Every rank of a first run calls prepare_digits at once: a caller that finds another's
     build under way waits for its lock and then reuses the build (before the lock, a late rank
     rebuilt the shards and deleted them under a rank that had already listed them)."""
+    import shutil
     import threading
 
     from filelock import FileLock
@@ -76,14 +77,11 @@ def test_a_build_in_progress_is_waited_for_not_repeated(tmp_path):
         t = threading.Thread(target=lambda: result.update(dirs=prepare_digits(tmp_path)))
         t.start()
         t.join(timeout=3.0)
-        assert t.is_alive() and not (root / "_done").exists()  # waiting, not building
+        # Waiting, not building (a build's first write is the split folders, within a second).
+        assert t.is_alive() and not (root / "train").exists() and not (root / "_done").exists()
         # The holder finishes its build: the waiter must reuse it, not write again.
-        built = prepare_digits(tmp_path / "elsewhere")
-        for split in ("train", "test"):
-            (root / split).mkdir()
-            for f in (built[split]).iterdir():
-                (root / split / f.name).write_bytes(f.read_bytes())
-        (root / "_done").write_bytes((tmp_path / "elsewhere" / "digits" / "_done").read_bytes())
+        prepare_digits(tmp_path / "elsewhere")
+        shutil.copytree(tmp_path / "elsewhere" / "digits", root, dirs_exist_ok=True)
         stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")}
     t.join(timeout=120)
     assert not t.is_alive() and result["dirs"] == {"train": root / "train", "test": root / "test"}
